@@ -1,0 +1,235 @@
+"""`medsim build-index`: source folder -> decoded, preprocessed tensors (worker processes) -> embeddings -> index.
+
+Worker processes read and preprocess files while the main process embeds batches, so decoding hides behind the
+model. Every batch is committed to the catalog in one transaction together with the ledger rows of the files it
+covers, so a run that is killed resumes where it stopped and a re-run only reads what is new or changed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medsim.dicom import ChestPolicy
+from medsim.errors import MedsimError, ReadFailure, SkipFile
+from medsim.index import Case, CaseIndex, FileRecord
+from medsim.ingest import LabelTable, read_any, walk
+from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
+
+SAVE_EVERY_SECONDS = 60.0
+
+
+@dataclass
+class Outcome:
+    """What a worker made of one file."""
+
+    record: FileRecord
+    case: Case | None = None
+    image: PreparedImage | None = None
+
+
+@dataclass
+class BuildReport:
+    indexed: int = 0
+    unchanged: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    failed: Counter = field(default_factory=Counter)
+    failures: list[FileRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    total_cases: int = 0
+    interrupted: bool = False
+
+    @property
+    def images_per_second(self) -> float:
+        return self.indexed / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"indexed {self.indexed} new image(s); index now holds {self.total_cases} case(s)"]
+        if self.unchanged:
+            lines.append(f"unchanged since an earlier run (not re-read): {self.unchanged}")
+        lines.append(f"skipped {sum(self.skipped.values())}" + _by_reason(self.skipped))
+        lines.append(f"failed {sum(self.failed.values())}" + _by_reason(self.failed))
+        lines += [f"  FAILED {f.path}: {f.reason}: {f.detail}" for f in self.failures]
+        if self.interrupted:
+            lines.append("interrupted: everything above is saved; run the same command again to resume")
+        lines.append(f"{self.indexed} images in {self.seconds:.1f} s: {self.images_per_second:.2f} images/s")
+        return lines
+
+
+def _by_reason(counts: Counter) -> str:
+    return f" ({', '.join(f'{reason}: {n}' for reason, n in sorted(counts.items()))})" if counts else ""
+
+
+def process_file(path: str, root: str, policy: ChestPolicy, spec: PreprocessSpec) -> Outcome:
+    """Read, classify and preprocess one file. Runs in a worker process; never raises for bad input."""
+    file = Path(path)
+    try:
+        stat = file.stat()
+    except OSError as exc:
+        return Outcome(FileRecord(path, 0, 0.0, "failed", "unreadable", str(exc)))
+    size, mtime = stat.st_size, stat.st_mtime
+    try:
+        radiograph = read_any(file, root=root, policy=policy)
+        image = prepare(radiograph.pixels, spec)
+    except SkipFile as exc:
+        return Outcome(FileRecord(path, size, mtime, "skipped", exc.reason, exc.detail))
+    except ReadFailure as exc:
+        return Outcome(FileRecord(path, size, mtime, "failed", exc.reason, exc.detail))
+    except MemoryError:
+        return Outcome(FileRecord(path, size, mtime, "failed", "too-large", "out of memory while decoding"))
+    except Exception as exc:  # a decoder bug must not stop a 100k-file run; it is reported with the path
+        return Outcome(FileRecord(path, size, mtime, "failed", "decode-error", f"{type(exc).__name__}: {exc}"))
+    return Outcome(FileRecord(path, size, mtime, "indexed", sop_uid=radiograph.sop_uid),
+                   case_from_radiograph(radiograph, path), image)
+
+
+def case_from_radiograph(radiograph, source_path: str) -> Case:
+    attributes = {
+        "photometric": radiograph.photometric, "transfer_syntax": radiograph.transfer_syntax,
+        "study_date": radiograph.study_date, "study_description": radiograph.study_description,
+        "reader": radiograph.reader,
+    }
+    return Case(
+        sop_uid=radiograph.sop_uid, series_uid=radiograph.series_uid, study_uid=radiograph.study_uid,
+        patient_id=radiograph.patient_id, source_path=source_path, view=radiograph.view,
+        modality=radiograph.modality, pixel_hash=radiograph.pixel_hash,
+        attributes={k: v for k, v in attributes.items() if v},
+    )
+
+
+def _process_chunk(paths, root, policy, spec) -> list[Outcome]:
+    return [process_file(p, root, policy, spec) for p in paths]
+
+
+def _init_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def build_index(source: str | Path, index_path: str | Path, bundle, labels: LabelTable | None = None,
+                policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
+                progress: bool = True, chunk_size: int = 4) -> BuildReport:
+    """Index every new or changed image under ``source`` into ``index_path`` with ``bundle``'s model."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    report = BuildReport()
+    labels = labels or LabelTable.empty()
+    source = Path(source).resolve()
+    workers = default_workers() if workers is None else max(0, workers)
+    index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
+                                     dim=bundle.embedding_dim, model_path=str(bundle.path))
+    embedder = bundle.embedder()
+    try:
+        files, unreadable_dirs = walk(source)
+        failed_dirs = [FileRecord(str(p), 0, 0.0, "failed", "unreadable", why) for p, why in unreadable_dirs]
+        index.record_files(failed_dirs)
+        for record in failed_dirs:
+            report.failed[record.reason] += 1
+            report.failures.append(record)
+        known = index.known_files()
+        todo = []
+        for file in files:
+            entry = known.get(str(file))
+            try:
+                stat = file.stat()
+            except OSError:
+                todo.append(str(file))
+                continue
+            if entry is not None and entry[0] == stat.st_size and abs(entry[1] - stat.st_mtime) < 1e-6:
+                report.unchanged += 1
+            else:
+                todo.append(str(file))
+        seen_uids: set[str] = set()
+        pending: list[Outcome] = []
+        ledger: list[FileRecord] = []
+        last_save = time.monotonic()
+        bar = tqdm(total=len(todo), unit="img", desc="build-index", disable=not progress, dynamic_ncols=True)
+
+        def flush() -> None:
+            nonlocal pending, ledger
+            cases = [o.case for o in pending]
+            vectors = embedder.embed_prepared([o.image for o in pending]) if pending else np.zeros((0, index.dim))
+            index.add(cases, vectors, bundle.fingerprint, files=ledger + [o.record for o in pending])
+            report.indexed += len(pending)
+            pending, ledger = [], []
+
+        try:
+            for outcome in _outcomes(todo, str(source), policy, bundle.preprocess, workers, chunk_size):
+                bar.update(1)
+                record = outcome.record
+                if record.status == "indexed":
+                    labels.apply(outcome.case)
+                    if record.sop_uid in seen_uids or index.has_sop_uid(record.sop_uid):
+                        record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-sop-uid",
+                                            f"SOP Instance UID {record.sop_uid} already indexed", record.sop_uid)
+                    else:
+                        seen_uids.add(record.sop_uid)
+                        pending.append(outcome)
+                if record.status == "skipped":
+                    report.skipped[record.reason] += 1
+                    ledger.append(record)
+                elif record.status == "failed":
+                    report.failed[record.reason] += 1
+                    report.failures.append(record)
+                    ledger.append(record)
+                if len(pending) >= batch_size:
+                    flush()
+                    bar.set_postfix(indexed=report.indexed)
+                    if time.monotonic() - last_save > SAVE_EVERY_SECONDS:
+                        index.save()
+                        last_save = time.monotonic()
+            flush()
+        except KeyboardInterrupt:
+            report.interrupted = True
+        finally:
+            bar.close()
+        index.save()
+        report.total_cases = len(index)
+    finally:
+        index.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def default_workers() -> int:
+    """Decoding processes: one fewer than the cores (the model uses the rest), at least one, at most eight."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _outcomes(paths, root, policy, spec, workers, chunk_size):
+    """Outcomes of all paths, decoded in ``workers`` processes with a bounded number of chunks in flight."""
+    chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
+    if workers == 0:
+        for chunk in chunks:
+            yield from _process_chunk(chunk, root, policy, spec)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already run
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+        in_flight = set()
+        queue = iter(chunks)
+        max_in_flight = 2 * workers + 2
+        try:
+            while True:
+                while len(in_flight) < max_in_flight:
+                    chunk = next(queue, None)
+                    if chunk is None:
+                        break
+                    in_flight.add(pool.submit(_process_chunk, chunk, root, policy, spec))
+                if not in_flight:
+                    return
+                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield from future.result()
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
