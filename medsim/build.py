@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.dicom import ChestPolicy
-from medsim.errors import MedsimError, ReadFailure, SkipFile
+from medsim.errors import ReadFailure, SkipFile, short
 from medsim.index import Case, CaseIndex, FileRecord
 from medsim.ingest import LabelTable, read_any, walk
 from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
@@ -85,7 +85,7 @@ def process_file(path: str, root: str, policy: ChestPolicy, spec: PreprocessSpec
     except MemoryError:
         return Outcome(FileRecord(path, size, mtime, "failed", "too-large", "out of memory while decoding"))
     except Exception as exc:  # a decoder bug must not stop a 100k-file run; it is reported with the path
-        return Outcome(FileRecord(path, size, mtime, "failed", "decode-error", f"{type(exc).__name__}: {exc}"))
+        return Outcome(FileRecord(path, size, mtime, "failed", "decode-error", short(f"{type(exc).__name__}: {exc}")))
     return Outcome(FileRecord(path, size, mtime, "indexed", sop_uid=radiograph.sop_uid),
                    case_from_radiograph(radiograph, path), image)
 

@@ -172,8 +172,10 @@ def _decode(ds, path: Path) -> tuple[np.ndarray, str, bool]:
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     pydicom_can = True
     if tsyntax is not None and tsyntax.is_compressed:
-        decoder = get_decoder(tsyntax)
-        pydicom_can = decoder is not None and decoder.is_available
+        try:
+            pydicom_can = get_decoder(tsyntax).is_available
+        except NotImplementedError:  # no decoder exists at all for this transfer syntax
+            pydicom_can = False
     first_error = None
     if pydicom_can:
         try:
@@ -199,7 +201,8 @@ def _decode(ds, path: Path) -> tuple[np.ndarray, str, bool]:
 
 def _looks_truncated(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(word in text for word in ("length", "truncat", "end of", "eof", "too short", "missing", "not enough"))
+    words = ("length", "truncat", "end of", "eof", "too short", "missing", "not enough", "less than expected")
+    return any(word in text for word in words)
 
 
 def to_display(stored: np.ndarray, ds, already_rescaled: bool = False) -> np.ndarray:
@@ -216,11 +219,10 @@ def to_display(stored: np.ndarray, ds, already_rescaled: bool = False) -> np.nda
     values = np.asarray(values, dtype=np.float64)
     voi_sequence = ds.get("VOILUTSequence")
     if voi_sequence:
-        item = voi_sequence[0]
-        lut = np.asarray(item.LUTData, dtype=np.float64)
-        values = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
-        low, high = float(lut.min()), float(lut.max())
-        display = (values - low) / (high - low) if high > low else np.zeros_like(values)
+        # Output of a VOI LUT spans 0 .. 2**n - 1, n = third value of its LUT Descriptor (PS3.3 C.11.2.1.1).
+        bits = int(voi_sequence[0].LUTDescriptor[2])
+        values = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64)
+        display = values / float(2**bits - 1)
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         display = _window(values, ds)
     else:

@@ -26,14 +26,23 @@ class MedsimError(Exception):
     """Base class: an error with a message meant for the user, not a stack trace."""
 
 
+MAX_DETAIL = 300
+
+
+def short(text: str) -> str:
+    """Keep details one readable line: decoder errors can embed whole pixel buffers."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_DETAIL else text[: MAX_DETAIL - 3] + "..."
+
+
 class SkipFile(MedsimError):
     """The file is not something medsim indexes; not an error."""
 
     def __init__(self, reason: str, detail: str = ""):
         assert reason in SKIP_REASONS, reason
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.detail = short(detail)
+        super().__init__(f"{reason}: {self.detail}" if detail else reason)
 
 
 class ReadFailure(MedsimError):
@@ -42,8 +51,8 @@ class ReadFailure(MedsimError):
     def __init__(self, reason: str, detail: str = ""):
         assert reason in FAIL_REASONS, reason
         self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.detail = short(detail)
+        super().__init__(f"{reason}: {self.detail}" if detail else reason)
 
 
 class ModelMismatch(MedsimError):

@@ -1,0 +1,33 @@
+"""Shared test data: the generated sample PACS export and the development data in ../shared/data."""
+
+import json
+import os
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DIR = ROOT / "sample_data" / "pacs_export"
+SHARED_DATA = Path(os.environ.get("MEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED_DICOM = SHARED_DATA / "dicom"
+SHARED_CXR = SHARED_DATA / "cxr"
+
+
+@lru_cache(maxsize=1)
+def sample_manifest() -> dict:
+    """The sample export's manifest, building the sample data first when a fresh clone has none."""
+    if not (SAMPLE_DIR / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "sample_data" / "build_sample_data.py"), "--out", str(SAMPLE_DIR)],
+                       check=True)
+    return json.loads((SAMPLE_DIR / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _medsim_home(tmp_path_factory):
+    """Model bundles are cached per test session, never in the developer's home."""
+    home = os.environ.get("MEDSIM_TEST_HOME") or str(tmp_path_factory.mktemp("medsim-home"))
+    os.environ["MEDSIM_HOME"] = home
+    yield home
