@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 import zipfile
 from pathlib import Path
 
@@ -56,12 +57,13 @@ import numpy as np
 
 # Bump whenever the produced content changes; an existing output with another
 # version is rebuilt.
-CONTENT_VERSION = "1"
+CONTENT_VERSION = "2"
 STAMP_NAME = ".build_complete.json"
 
 PACKAGE = "pneumonia-model-package"
 PACKAGE_VERSION = "0.3.0"
 WHEEL_NAME = "pneumonia_model_package-0.3.0-py3-none-any.whl"
+WHEEL_SHA256 = "4bb1ee80366db5de818c7255e62878871b8ec545681193f429e2575b791d3536"
 WHEEL_IMAGE_DIR = "pneumonia_model_package/datasets/pneumonia-data/val/"
 WHEEL_METADATA = "pneumonia_model_package-0.3.0.dist-info/METADATA"
 EXPECTED_IMAGES = 16
@@ -119,18 +121,33 @@ def fetch_wheel(cache: Path) -> Path:
     """Download the wheel (no deps, never installed) unless it is cached."""
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / WHEEL_NAME
-    if wheel.is_file() and zipfile.is_zipfile(wheel):
+    if wheel.is_file() and _sha256_file(wheel) == WHEEL_SHA256:
         log(f"using cached {wheel}")
         return wheel
+    if wheel.is_file():
+        log(f"cached {wheel.name} has the wrong sha256; downloading again")
+        wheel.unlink()
     log(f"downloading {PACKAGE}=={PACKAGE_VERSION} into {cache} ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--only-binary=:all:", f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(cache)]
+           "--only-binary=:all:", "--retries", "2", "--timeout", "30",
+           f"{PACKAGE}=={PACKAGE_VERSION}", "-d", str(cache)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not wheel.is_file():
         raise RuntimeError(
             f"pip download failed (rc={proc.returncode}); put {WHEEL_NAME} into {cache} by hand.\n"
             f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    digest = _sha256_file(wheel)
+    if digest != WHEEL_SHA256:
+        raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}")
     return wheel
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def label_and_patient(name: str) -> tuple[str, str]:
@@ -177,7 +194,7 @@ def load_sources(wheel: Path) -> tuple[list[Source], dict]:
         "package": PACKAGE,
         "version": PACKAGE_VERSION,
         "wheel": WHEEL_NAME,
-        "wheel_sha256": hashlib.sha256(wheel.read_bytes()).hexdigest(),
+        "wheel_sha256": _sha256_file(wheel),
         "image_dir_in_wheel": WHEEL_IMAGE_DIR,
         "license_in_metadata": (meta.get("License") or [None])[0],
         "license_classifiers": [c for c in meta.get("Classifier", []) if c.startswith("License")],
@@ -191,9 +208,13 @@ def load_sources(wheel: Path) -> tuple[list[Source], dict]:
 # --------------------------------------------------------------------------
 
 def stable_uid(*parts: str) -> str:
-    """Deterministic 2.25.<int> UID derived from the given strings."""
-    from pydicom.uid import generate_uid
-    return generate_uid(prefix=None, entropy_srcs=[UID_NAMESPACE, *parts])
+    """Deterministic 2.25.<int> UID (PS3.5 B.2, name-based UUID v5) from the given strings.
+
+    (pydicom's generate_uid(prefix=None, entropy_srcs=...) ignores the entropy
+    sources and returns a random UUID4 UID, so it cannot be used here.)
+    """
+    name = "\x1f".join((UID_NAMESPACE, *parts))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
 
 
 def pseudo_patient_id(patient_key: str) -> str:
@@ -429,7 +450,7 @@ def encode_pixels(ds, stored: np.ndarray, v: Variant) -> dict:
     from pydicom.uid import JPEG2000, JPEG2000Lossless, RLELossless
 
     photometric = v.photometric
-    ds.set_pixel_data(stored, photometric, v.bits)
+    ds.set_pixel_data(stored, photometric, v.bits, generate_instance_uid=False)
     if v.photometric == "RGB":
         ds.PlanarConfiguration = 0
     raw_size = stored.nbytes
@@ -584,7 +605,11 @@ def display_image(ds) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         out = arr.astype(np.float64).mean(axis=-1)
     else:
-        out = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+        mod = apply_modality_lut(arr, ds)
+        if mod.dtype.kind == "f" and np.array_equal(mod, np.round(mod)):
+            # RescaleSlope 1 / Intercept 0 etc. give integral floats; a VOI LUT needs integers
+            mod = mod.astype(np.int64)
+        out = apply_voi_lut(mod, ds).astype(np.float64)
     lo, hi = float(out.min()), float(out.max())
     out = (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
@@ -606,6 +631,8 @@ def verify_image(path: Path, expected_stored: np.ndarray, original: np.ndarray, 
 
     ds = pydicom.dcmread(path)
     assert ds.file_meta.TransferSyntaxUID == v.ts, (path, ds.file_meta.TransferSyntaxUID, v.ts)
+    assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+    assert ds.SOPInstanceUID.startswith("2.25."), ds.SOPInstanceUID  # the stable UID, not a random one
     arr = ds.pixel_array
     assert arr.shape == expected_stored.shape, (path, arr.shape, expected_stored.shape)
     result = {}
@@ -870,6 +897,18 @@ def _assert_corrupt(path: Path) -> None:
     raise AssertionError(f"{path} was meant to be corrupt but decodes")
 
 
+def _remove_stale_temps(out: Path, max_age_s: float = 3600.0) -> None:
+    """Remove temp/old trees left next to <out> by builds killed over an hour ago."""
+    now = time.time()
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for p in out.parent.glob(pattern):
+            try:
+                if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
@@ -888,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{len(sources)} images, {len({s.patient_key for s in sources})} patients from {wheel.name}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         manifest = build(tmp, sources, info)
