@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_data/pacs_export
 INDEX  := var/sample-index
 
-.PHONY: run test install sample-data clean
+.PHONY: run test install sample-data clean orthanc
 
 # A venv with medsim and its test extras. torch comes from a range in pyproject.toml (no pinned build).
 $(STAMP): pyproject.toml
@@ -17,18 +17,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Real chest X-rays from a PyPI package, written as varied DICOM (cached; see sample_data/README.md).
-$(SAMPLE)/.complete: $(STAMP) sample_data/build_sample_data.py
+# Real chest X-rays from a PyPI package, written as varied DICOM (cached: a no-op once built; see sample_data/README.md).
+sample-data: $(STAMP)
 	$(BIN)/python sample_data/build_sample_data.py --out $(SAMPLE)
-
-sample-data: $(SAMPLE)/.complete
 
 run: sample-data
 	$(BIN)/medsim build-index $(SAMPLE) --labels $(SAMPLE)/labels.csv --index $(INDEX)
 	$(BIN)/medsim info --index $(INDEX)
 	$(BIN)/medsim query "$$($(BIN)/python sample_data/build_sample_data.py --out $(SAMPLE) --print-query)" --index $(INDEX) -k 5
 
-test: sample-data
+# Orthanc + its DICOMweb plugin (Debian packages) for the service tests; installed only when missing. Without apt-get
+# (or when the install fails) the Orthanc tests skip and say why.
+ORTHANC_PKGS := orthanc orthanc-dicomweb
+orthanc:
+	@if { command -v orthanc || command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null 2>&1 \
+	    && dpkg -s orthanc-dicomweb >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(ORTHANC_PKGS); } \
+	    || echo "make orthanc: could not install $(ORTHANC_PKGS); the Orthanc tests will be skipped"; \
+	else echo "make orthanc: no apt-get here; install Orthanc and its DICOMweb plugin to run the Orthanc tests"; fi
+
+test: sample-data orthanc
 	$(BIN)/python -m pytest
 
 clean:

@@ -130,6 +130,8 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
     embedder = bundle.embedder()
     try:
         files, unreadable_dirs = walk(source)
+        if labels.source:  # the labels file may sit inside the export; it is metadata, not input
+            files = [f for f in files if str(f.resolve()) != str(Path(labels.source).resolve())]
         failed_dirs = [FileRecord(str(p), 0, 0.0, "failed", "unreadable", why) for p, why in unreadable_dirs]
         index.record_files(failed_dirs)
         for record in failed_dirs:

@@ -97,7 +97,7 @@ CSV_COLUMNS = [
 
 
 def log(msg: str = "") -> None:
-    print(msg, flush=True)
+    print(msg, file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------
@@ -914,8 +914,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="download cache (default: %(default)s)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the output is complete")
+    ap.add_argument("--print-query", action="store_true",
+                    help="print the path of a sample pneumonia case to query with (after building if needed)")
     args = ap.parse_args(argv)
     out: Path = args.out.resolve()
+    if args.print_query:
+        if not is_complete(out):
+            main([a for a in (argv or sys.argv[1:]) if a != "--print-query"])
+        manifest = json.loads((out / "manifest.json").read_text())
+        print(out / next(f["path"] for f in manifest["files"]
+                         if f["expected"] == "index" and "Pneumonia" in f["labels"]))
+        return 0
 
     if not args.force and is_complete(out):
         log(f"{out} is complete (content version {CONTENT_VERSION}); nothing to do.")
