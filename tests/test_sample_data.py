@@ -260,5 +260,5 @@ def test_rerun_is_a_no_op(export, builder, capsys):
     stamp = export / builder.STAMP_NAME
     before = stamp.stat().st_mtime_ns
     assert builder.main(["--out", str(export), "--cache", str(builder.DEFAULT_CACHE)]) == 0
-    assert "nothing to do" in capsys.readouterr().out
+    assert "nothing to do" in capsys.readouterr().err
     assert stamp.stat().st_mtime_ns == before
