@@ -11,7 +11,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = ROOT / "sample_data" / "pacs_export"
-SHARED_DATA = Path(os.environ.get("MEDSIM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _find_shared_data() -> Path:
+    """../shared/data beside the checkout; for a clone elsewhere (e.g. /tmp/c), beside the repository it came from."""
+    if os.environ.get("MEDSIM_SHARED_DATA"):
+        return Path(os.environ["MEDSIM_SHARED_DATA"])
+    candidates = [ROOT.parent / "shared" / "data"]
+    origin = subprocess.run(["git", "-C", str(ROOT), "remote", "get-url", "origin"], capture_output=True, text=True)
+    if origin.returncode == 0 and Path(origin.stdout.strip()).is_dir():
+        candidates.append(Path(origin.stdout.strip()).resolve().parent / "shared" / "data")
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+SHARED_DATA = _find_shared_data()
 SHARED_DICOM = SHARED_DATA / "dicom"
 SHARED_CXR = SHARED_DATA / "cxr"
 
