@@ -74,8 +74,8 @@ class LabelTable:
             )
             if row.get("path"):
                 by_path[str((base / row["path"]).resolve())] = entry
-            if row.get("sop_uid"):
-                by_uid[row["sop_uid"].strip()] = entry
+            if row.get("sop_uid"):  # the first row of a UID wins: a later copy of the file must not relabel it
+                by_uid.setdefault(row["sop_uid"].strip(), entry)
         return cls(by_path, by_uid, source=str(csv_path))
 
     def __len__(self) -> int:

@@ -1,0 +1,43 @@
+"""``GET /api/v1/index``: what the service searches: size, model, operating point and label vocabulary."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+from medsim.server import operating_point
+from medsim.server.similar import app_settings
+from medsim.server.state import Service
+
+
+def blueprint() -> Blueprint:
+    bp = Blueprint("index", __name__)
+    bp.add_url_rule("/index", view_func=index_info, methods=["GET"])
+    return bp
+
+
+def index_info():
+    service: Service = current_app.extensions["medsim"]
+    stats = service.stats()
+    calibration = operating_point.public_view(service.index.meta)
+    return jsonify({
+        "cases": stats["cases"],
+        "studies": stats["studies"],
+        "patients": stats["patients"],
+        "model": {k: stats["model"][k] for k in ("name", "fingerprint", "dim")},
+        "operating_point": {
+            "calibrated": calibration is not None,
+            "threshold": calibration.get("threshold") if calibration else None,
+            "target_recall": calibration.get("target_recall") if calibration else None,
+            "k": calibration.get("k") if calibration else None,
+            "default_k": app_settings().default_k,
+            "max_k": app_settings().max_k,
+            "calibration": calibration,
+        },
+        "labels": stats["labels"],
+        "label_vocabulary": sorted(stats["labels"]),
+        "views": stats["views"],
+        "created_at": stats["created_at"],
+        "updated_at": stats["updated_at"],
+        "pacs_configured": service.pacs is not None,
+    })
+

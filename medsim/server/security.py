@@ -1,0 +1,131 @@
+"""Bearer-token auth, the CORS allow-list, request ids and the audit log.
+
+* Auth: when any token is configured, every ``/api/v1`` request needs ``Authorization: Bearer <token>``
+  (401 otherwise). Thumbnail URLs in responses are signed and expire, so an ``<img src>`` works without the header.
+  ``/healthz`` and the OpenAPI document are open. Settings refuse to listen beyond loopback without tokens.
+* CORS: only origins in ``cors_origins`` get ``Access-Control-Allow-Origin``; preflights are answered without auth.
+* Audit: one JSON line per API request: time (UTC), client (token name, or "anonymous"), remote address, method,
+  path, status, duration, request id, and what was asked (query UIDs, k, mode, result count). Never patient names,
+  birth dates or image data.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flask import Blueprint, Flask, current_app, g, request
+
+from medsim.server.errors import ApiError
+
+audit_log = logging.getLogger("medsim.audit")
+
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
+CORS_EXPOSE_HEADERS = "X-Request-ID"
+CORS_MAX_AGE = "600"
+
+
+def configure_audit_log(path) -> logging.Logger:
+    """The audit logger writing to ``path`` (appending) or standard error: ``medsim.audit`` for standard error,
+    a child of it per file, so apps with different audit files do not write into each other's."""
+    logger = audit_log.getChild(f"file-{abs(hash(str(Path(path).resolve()))):x}") if path else audit_log
+    if not logger.handlers:
+        handler = logging.FileHandler(path, encoding="utf-8") if path else logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def audit(**fields) -> None:
+    """Add what a request asked for to its audit record."""
+    g.setdefault("audit", {}).update({k: v for k, v in fields.items() if v is not None})
+
+
+def require_token(blueprint: Blueprint) -> None:
+    """Bearer-token check for every route of ``blueprint`` (except CORS preflights and signed thumbnail URLs)."""
+
+    @blueprint.before_request
+    def _check():
+        tokens = current_app.config["MEDSIM_TOKENS"]
+        if not tokens or request.method == "OPTIONS":
+            return None
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() == "bearer" and presented:
+            presented = presented.strip().encode()
+            for name, token in tokens.items():
+                if hmac.compare_digest(presented, token.encode()):
+                    g.client = name
+                    return None
+            g.client = "invalid-token"
+            raise ApiError(401, "unauthorized", "invalid bearer token")
+        if request.endpoint and request.endpoint.endswith(".thumbnail") and "sig" in request.args:
+            service = current_app.extensions["medsim"]
+            sop_uid = (request.view_args or {}).get("sop_uid", "")
+            if service.check_signature(sop_uid, request.args.get("exp"), request.args.get("sig", "")):
+                g.client = "signed-url"
+                return None
+            raise ApiError(401, "unauthorized", "thumbnail URL signature invalid or expired")
+        raise ApiError(401, "unauthorized", "this API needs 'Authorization: Bearer <token>'")
+
+
+def register(app: Flask) -> None:
+    origins = set(app.config["MEDSIM_CORS_ORIGINS"])
+
+    @app.before_request
+    def _start():
+        g.started = time.perf_counter()
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        g.client = "anonymous"
+        origin = request.headers.get("Origin")
+        if (request.method == "OPTIONS" and origin and request.headers.get("Access-Control-Request-Method")
+                and request.path.startswith("/api/")):
+            response = app.make_default_options_response()
+            response.status_code = 204
+            return response
+        return None
+
+    @app.after_request
+    def _finish(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        origin = request.headers.get("Origin")
+        if origin and origin in origins and (request.path.startswith("/api/") or request.path == "/healthz"):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+            if request.method == "OPTIONS":
+                response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+                response.headers["Access-Control-Allow-Headers"] = CORS_ALLOW_HEADERS
+                response.headers["Access-Control-Max-Age"] = CORS_MAX_AGE
+        response.vary.add("Origin")
+        if request.path.startswith("/api/"):
+            _write_audit(response)
+        return response
+
+
+def _write_audit(response) -> None:
+    if request.method == "OPTIONS":
+        return
+    record = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "client": g.get("client", "anonymous"),
+        "remote_addr": request.remote_addr,
+        "method": request.method,
+        "path": request.path,
+        "status": response.status_code,
+        "ms": round(1000 * (time.perf_counter() - g.get("started", time.perf_counter())), 1),
+        "request_id": g.get("request_id"),
+    }
+    if g.get("error_code"):
+        record["error"] = g.error_code
+    record.update(g.get("audit", {}))
+    current_app.config["MEDSIM_AUDIT_LOGGER"].info(json.dumps(record, separators=(",", ":")))

@@ -1,0 +1,286 @@
+"""The viewer on the service's own origin: the prebuilt OHIF viewer, the medsim plugin, and a DICOMweb proxy.
+
+``medsim serve --viewer DIR --pacs URL`` (or ``viewer_dir`` in the settings) registers this blueprint beside the
+API, so one origin serves everything and the browser needs no CORS:
+
+* ``/`` and every viewer route (``/similar``, ``/viewer``, the study list, ...): the OHIF single-page app from
+  ``DIR`` (``make viewer`` fetches it to ``var/ohif/<version>/dist``); unknown paths without a file behind them get
+  ``index.html`` so that OHIF's router can answer them;
+* ``/app-config.js``: OHIF's configuration, generated here: one DICOMweb data source (this server's
+  ``/dicom-web``), the medsim extension and mode (plain ES modules, by URL), and the plugin's settings
+  (``window.config.medsim``);
+* ``/medsim-plugin/*``: the plugin's modules (``plugin/ohif/src``);
+* ``/dicom-web/*``: a read-only reverse proxy (GET/HEAD) to ``pacs_url``. The raw query string and the request's
+  ``Accept``/``Accept-Encoding`` go upstream unchanged, and the answer comes back as sent: status, content type,
+  ``Content-Encoding`` (compressed bodies are passed through, never decoded), length, caching headers. Orthanc is
+  told the public host (``Forwarded``) so the BulkDataURIs in its metadata point back at this proxy. When the
+  service has bearer tokens, the proxy needs one too (OHIF sends it once opened with ``?token=``).
+
+Nothing here reads patient data; the proxy adds no caching of its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import mimetypes
+import posixpath
+import socket
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+from flask import Blueprint, Response, abort, current_app, request, send_from_directory, stream_with_context
+
+from medsim.server import security
+from medsim.server.errors import ApiError
+from medsim.server.settings import Settings, SettingsError
+
+PLUGIN_PREFIX = "/medsim-plugin"
+DICOMWEB_PREFIX = "/dicom-web"
+MODE_ROUTE = "similar"
+EXTENSION_MODULE = "extension.js"
+MODE_MODULE = "mode.js"
+DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugin" / "ohif" / "src"
+# Paths the single-page fallback must never answer with index.html.
+RESERVED = ("api/", "dicom-web/", "medsim-plugin/", "healthz")
+# Request headers passed to the PACS, and response headers passed back (hop-by-hop headers never are).
+FORWARD_REQUEST = ("Accept", "Accept-Encoding", "Accept-Language", "If-None-Match", "If-Modified-Since", "Range",
+                   "Cache-Control")
+FORWARD_RESPONSE = ("Content-Type", "Content-Encoding", "Content-Length", "Content-Range", "Accept-Ranges", "ETag",
+                    "Last-Modified", "Cache-Control", "Expires", "Vary", "Content-Disposition", "Content-Location",
+                    "Warning")
+CHUNK = 256 * 1024
+PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+mimetypes.add_type("application/wasm", ".wasm")
+mimetypes.add_type("text/javascript", ".js")
+mimetypes.add_type("text/javascript", ".mjs")
+
+
+def blueprint(settings: Settings, viewer_dir: str | Path | None = None,
+              plugin_dir: str | Path | None = None) -> Blueprint:
+    """The viewer blueprint for ``settings`` (``viewer_dir`` defaults to ``settings.viewer_dir``)."""
+    viewer = Path(viewer_dir or settings.viewer_dir or "").expanduser()
+    if not (viewer / "index.html").is_file():
+        raise SettingsError(f"viewer_dir {viewer} holds no OHIF viewer (index.html); run `make viewer` or "
+                            "`python plugin/ohif/fetch_viewer.py`, then pass its dist folder")
+    plugin = Path(plugin_dir or DEFAULT_PLUGIN_DIR)
+    if not (plugin / EXTENSION_MODULE).is_file() or not (plugin / MODE_MODULE).is_file():
+        raise SettingsError(f"the medsim OHIF plugin is not in {plugin} ({EXTENSION_MODULE}, {MODE_MODULE})")
+    viewer, plugin = viewer.resolve(), plugin.resolve()
+    index_html = (viewer / "index.html").read_bytes()
+    bp = Blueprint("viewer", __name__)
+
+    @bp.get("/app-config.js")
+    def app_config():
+        response = Response(app_config_js(settings), mimetype="text/javascript")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @bp.get(f"{PLUGIN_PREFIX}/<path:name>")
+    def plugin_file(name: str):
+        response = send_from_directory(plugin, name, max_age=0)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    proxy_bp = Blueprint("dicomweb_proxy", __name__)
+    security.require_token(proxy_bp)
+    proxy_bp.add_url_rule(f"{DICOMWEB_PREFIX}/<path:rest>", view_func=_proxy, methods=["GET", "HEAD"])
+    proxy_bp.add_url_rule(DICOMWEB_PREFIX, view_func=_proxy, methods=["GET", "HEAD"], defaults={"rest": ""})
+    bp.register_blueprint(proxy_bp)
+
+    def spa_index():
+        response = Response(index_html, mimetype="text/html")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+    @bp.get("/")
+    def root():
+        return spa_index()
+
+    @bp.get("/<path:path>")
+    def static_or_route(path: str):
+        if path.startswith(RESERVED):
+            abort(404)
+        if path == "index.html":
+            return spa_index()
+        file = _safe_file(viewer, path)
+        if file is not None:
+            return send_from_directory(viewer, path, max_age=_max_age(path))
+        if posixpath.splitext(path)[1] and not path.endswith(".html"):
+            abort(404)  # a missing asset is a 404, not the app
+        return spa_index()
+
+    return bp
+
+
+def _safe_file(base: Path, path: str) -> Path | None:
+    parts = [p for p in path.split("/") if p]
+    if any(p in (".", "..") or p.startswith(".") for p in parts):
+        return None
+    candidate = (base / "/".join(parts)).resolve()
+    return candidate if base in candidate.parents and candidate.is_file() else None
+
+
+def _max_age(path: str) -> int:
+    name = posixpath.basename(path)
+    # content-hashed bundles (e.g. app.bundle.0f6159c501addfe9.js, 776f756dd939124e.wasm) never change
+    stem = name.split(".")
+    hashed = any(len(part) >= 16 and all(c in "0123456789abcdef" for c in part) for part in stem)
+    return 31536000 if hashed else 0
+
+
+# ---- app-config.js ----------------------------------------------------------------------------------------------
+
+
+def plugin_config(settings: Settings) -> dict:
+    """``window.config.medsim``: what the plugin needs to know about this server (see plugin/ohif/README.md)."""
+    return {
+        "apiRoot": "/api/v1",
+        "modeRoute": MODE_ROUTE,
+        "defaultK": settings.default_k,
+        "showAnywayK": min(10, settings.max_k),
+    }
+
+
+def app_config_js(settings: Settings) -> str:
+    """OHIF's app config for this server: one DICOMweb data source behind the proxy, plus the medsim plugin."""
+    medsim = json.dumps(plugin_config(settings), indent=2).replace("\n", "\n  ")
+    return f"""/* OHIF configuration generated by medsim (medsim/server/viewer.py); see docs/viewer.md. */
+(function () {{
+  var origin = window.location.origin;
+  var dicomweb = origin + '{DICOMWEB_PREFIX}';
+  window.config = {{
+    name: 'medsim',
+    routerBasename: '/',
+    // The medsim plugin: plain ES modules loaded at run time by URL (the mode names its extension by this URL).
+    extensions: [origin + '{PLUGIN_PREFIX}/{EXTENSION_MODULE}'],
+    modes: [origin + '{PLUGIN_PREFIX}/{MODE_MODULE}'],
+    customizationService: {{}},
+    showStudyList: true,
+    maxNumberOfWebWorkers: 2,
+    showWarningMessageForCrossOrigin: false,
+    showCPUFallbackMessage: false,
+    showLoadingIndicator: true,
+    strictZSpacingForVolumeViewport: true,
+    groupEnabledModesFirst: true,
+    maxNumRequests: {{ interaction: 100, thumbnail: 5, prefetch: 10 }},
+    investigationalUseDialog: {{ option: 'never' }},
+    defaultDataSourceName: 'medsim',
+    dataSources: [
+      {{
+        namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+        sourceName: 'medsim',
+        configuration: {{
+          friendlyName: 'PACS (through medsim)',
+          name: 'medsim',
+          wadoUriRoot: dicomweb,
+          qidoRoot: dicomweb,
+          wadoRoot: dicomweb,
+          qidoSupportsIncludeField: true,
+          supportsReject: false,
+          dicomUploadEnabled: false,
+          imageRendering: 'wadors',
+          thumbnailRendering: 'wadors',
+          enableStudyLazyLoad: true,
+          supportsFuzzyMatching: false,
+          supportsWildcard: true,
+          staticWado: false,
+          singlepart: 'bulkdata,video',
+          bulkDataURI: {{ enabled: true, relativeResolution: 'studies' }},
+          omitQuotationForMultipartRequest: true,
+        }},
+      }},
+    ],
+    medsim: {medsim},
+  }};
+}})();
+"""
+
+
+# ---- DICOMweb proxy -----------------------------------------------------------------------------------------------
+
+
+class _Upstream:
+    """One request to the PACS with http.client: the request target is sent exactly as given (no re-encoding, no
+    normalised percent escapes) and the body is read as sent (no content decoding)."""
+
+    def __init__(self, settings: Settings, method: str, target: str, headers: dict):
+        parts = urlsplit(settings.pacs_url)
+        connection = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self.conn = connection(parts.hostname, parts.port, timeout=settings.pacs_connect_timeout)
+        self.read_timeout = settings.pacs_timeout
+        self.method, self.target, self.headers = method, target, headers
+
+    def open(self) -> http.client.HTTPResponse:
+        self.conn.connect()
+        self.conn.sock.settimeout(self.read_timeout)
+        self.conn.putrequest(self.method, self.target, skip_host=True, skip_accept_encoding=True)
+        for name, value in self.headers.items():
+            self.conn.putheader(name, value)
+        self.conn.endheaders()
+        return self.conn.getresponse()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _proxy(rest: str):
+    settings: Settings = current_app.config["MEDSIM_SETTINGS"]
+    if not settings.pacs_url:
+        raise ApiError(404, "no-pacs", "no PACS is configured (pass --pacs), so there is no DICOMweb to proxy")
+    segments = rest.split("/") if rest else []
+    if any(s in (".", "..") for s in segments) or "\\" in rest:
+        raise ApiError(400, "bad-request", "invalid DICOMweb path")
+    target = urlsplit(settings.pacs_url).path.rstrip("/") + ("/" + quote(rest, safe=PATH_SAFE) if rest else "")
+    raw_query = request.query_string.decode("latin-1")  # exactly as the browser sent it: never re-encoded
+    if raw_query:
+        target += "?" + raw_query
+    headers = {name: request.headers[name] for name in FORWARD_REQUEST if name in request.headers}
+    headers.setdefault("Accept-Encoding", "identity")
+    public = urlsplit(request.host_url)
+    parts = urlsplit(settings.pacs_url)
+    headers["Host"] = parts.netloc.rsplit("@", 1)[-1]
+    headers["Forwarded"] = f"host={public.netloc};proto={public.scheme}"
+    headers["X-Forwarded-Host"] = public.netloc
+    headers["X-Forwarded-Proto"] = public.scheme
+    if settings.pacs_username:
+        credentials = f"{settings.pacs_username}:{settings.pacs_password or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode("ascii")
+    upstream = _Upstream(settings, request.method, target, headers)
+    try:
+        upstream_response = upstream.open()
+    except (socket.timeout, TimeoutError):
+        upstream.close()
+        raise ApiError(504, "pacs-timeout", f"the PACS did not answer within {settings.pacs_timeout:g} s") from None
+    except (OSError, http.client.HTTPException) as exc:
+        upstream.close()
+        raise ApiError(502, "pacs-unavailable", f"the PACS is unreachable: {type(exc).__name__}") from None
+    passed = {name: upstream_response.headers[name] for name in FORWARD_RESPONSE if name in upstream_response.headers}
+
+    def body():
+        try:
+            while True:
+                chunk = upstream_response.read1(CHUNK) if hasattr(upstream_response, "read1") else \
+                    upstream_response.read(CHUNK)
+                if not chunk:
+                    break
+                yield chunk
+        except (OSError, http.client.HTTPException):
+            return  # the PACS broke off mid-answer: end the response (the client sees a short body)
+        finally:
+            upstream.close()
+
+    if request.method == "HEAD":
+        upstream.close()
+        response = Response(status=upstream_response.status)
+    else:
+        response = Response(stream_with_context(body()), status=upstream_response.status, direct_passthrough=True)
+    for name, value in passed.items():
+        response.headers[name] = value
+    if "Content-Type" not in passed:
+        response.headers.pop("Content-Type", None)
+    if upstream_response.chunked:
+        response.headers.pop("Content-Length", None)
+    return response
