@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_data/pacs_export
 INDEX  := var/sample-index
 
-.PHONY: run test install sample-data clean orthanc
+.PHONY: run test install sample-data clean orthanc viewer chromium model
 
 # A venv with medsim and its test extras. torch comes from a range in pyproject.toml (no pinned build).
 $(STAMP): pyproject.toml
@@ -21,10 +21,25 @@ install: $(STAMP)
 sample-data: $(STAMP)
 	$(BIN)/python sample_data/build_sample_data.py --out $(SAMPLE)
 
-run: sample-data
+run: sample-data orthanc viewer
 	$(BIN)/medsim build-index $(SAMPLE) --labels $(SAMPLE)/labels.csv --index $(INDEX)
 	$(BIN)/medsim info --index $(INDEX)
 	$(BIN)/medsim query "$$($(BIN)/python sample_data/build_sample_data.py --out $(SAMPLE) --print-query)" --index $(INDEX) -k 5
+	$(BIN)/python -m medsim.stack --sample $(SAMPLE) --index $(INDEX)
+
+# The prebuilt OHIF viewer (npm pack @ohif/app at the version pinned in plugin/ohif/ohif-viewer.json, sha512 checked
+# against the pin and the registry) in var/ohif/<version>/dist; a no-op once there. Needs npm the first time.
+viewer:
+	$(PYTHON) plugin/ohif/fetch_viewer.py
+
+# Debian's Chromium for the browser test (tests/test_viewer_browser.py); installed only when missing, else it skips.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || test -n "$$MEDSIM_CHROMIUM"; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
+	    || echo "make chromium: could not install chromium; the browser test will be skipped"; \
+	else echo "make chromium: no apt-get here; install Chromium (or set MEDSIM_CHROMIUM) to run the browser test"; fi
 
 # Orthanc + its DICOMweb plugin (Debian packages) for the service tests; installed only when missing. Without apt-get
 # (or when the install fails) the Orthanc tests skip and say why.
@@ -38,7 +53,17 @@ orthanc:
 	    || echo "make orthanc: could not install $(ORTHANC_PKGS); the Orthanc tests will be skipped"; \
 	else echo "make orthanc: no apt-get here; install Orthanc and its DICOMweb plugin to run the Orthanc tests"; fi
 
-test: sample-data orthanc
+# The fine-tuned default model (docs/model-card.md): `medsim train` on a labeled folder (default ../shared/data/cxr),
+# seeded, written to $MEDSIM_HOME/bundles/default where build-index/query/evaluate/serve find it (they fall back to
+# ImageNet VGG-16 without it). Never committed. A killed run continues where it stopped; a finished run re-writes
+# its bundle. Another folder: make model CXR=/path/to/folder [CXR_LABELS=...] [TRAIN_FLAGS=--restart].
+CXR         ?= ../shared/data/cxr
+CXR_LABELS  ?= $(CXR)/labels.csv
+TRAIN_FLAGS ?=
+model: $(STAMP)
+	$(BIN)/medsim train --images $(CXR) --labels $(CXR_LABELS) --seed 0 --resume --overwrite $(TRAIN_FLAGS)
+
+test: sample-data orthanc viewer chromium
 	$(BIN)/python -m pytest
 
 clean:

@@ -24,6 +24,7 @@ from medsim.ingest import LabelTable, read_any, walk
 from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
 
 SAVE_EVERY_SECONDS = 60.0
+MAX_LISTED_DUPLICATES = 20
 
 
 @dataclass
@@ -42,6 +43,7 @@ class BuildReport:
     skipped: Counter = field(default_factory=Counter)
     failed: Counter = field(default_factory=Counter)
     failures: list[FileRecord] = field(default_factory=list)
+    duplicates: list[FileRecord] = field(default_factory=list)  # skipped by --skip-duplicates (same pixels)
     seconds: float = 0.0
     total_cases: int = 0
     interrupted: bool = False
@@ -57,6 +59,10 @@ class BuildReport:
         lines.append(f"skipped {sum(self.skipped.values())}" + _by_reason(self.skipped))
         lines.append(f"failed {sum(self.failed.values())}" + _by_reason(self.failed))
         lines += [f"  FAILED {f.path}: {f.reason}: {f.detail}" for f in self.failures]
+        lines += [f"  DUPLICATE {d.path}: {d.detail}" for d in self.duplicates[:MAX_LISTED_DUPLICATES]]
+        if len(self.duplicates) > MAX_LISTED_DUPLICATES:
+            lines.append(f"  ... and {len(self.duplicates) - MAX_LISTED_DUPLICATES} more duplicate(s) "
+                         "(all in the index's file ledger and in --report)")
         if self.interrupted:
             lines.append("interrupted: everything above is saved; run the same command again to resume")
         lines.append(f"{self.indexed} images in {self.seconds:.1f} s: {self.images_per_second:.2f} images/s")
@@ -91,6 +97,8 @@ def process_file(path: str, root: str, policy: ChestPolicy, spec: PreprocessSpec
 
 
 def case_from_radiograph(radiograph, source_path: str) -> Case:
+    from medsim.duplicates import perceptual_hash_or_empty
+
     attributes = {
         "photometric": radiograph.photometric, "transfer_syntax": radiograph.transfer_syntax,
         "study_date": radiograph.study_date, "study_description": radiograph.study_description,
@@ -101,6 +109,7 @@ def case_from_radiograph(radiograph, source_path: str) -> Case:
         patient_id=radiograph.patient_id, source_path=source_path, view=radiograph.view,
         modality=radiograph.modality, pixel_hash=radiograph.pixel_hash,
         attributes={k: v for k, v in attributes.items() if v},
+        phash=perceptual_hash_or_empty(radiograph.pixels),
     )
 
 
@@ -116,8 +125,11 @@ def _init_worker() -> None:
 
 def build_index(source: str | Path, index_path: str | Path, bundle, labels: LabelTable | None = None,
                 policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
-                progress: bool = True, chunk_size: int = 4) -> BuildReport:
-    """Index every new or changed image under ``source`` into ``index_path`` with ``bundle``'s model."""
+                progress: bool = True, chunk_size: int = 4, skip_duplicates: bool = False) -> BuildReport:
+    """Index every new or changed image under ``source`` into ``index_path`` with ``bundle``'s model.
+
+    skip_duplicates: keep exact duplicates (decoded pixels equal to an indexed case's, or to a file read earlier in
+    this run) out of the index; each is skipped with reason ``duplicate-pixels`` and listed in the report."""
     from tqdm import tqdm
 
     started = time.perf_counter()
@@ -151,6 +163,7 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
             else:
                 todo.append(str(file))
         seen_uids: set[str] = set()
+        seen_pixels: dict[str, str] = {}  # pixel hash -> path, of the files queued in this run (--skip-duplicates)
         pending: list[Outcome] = []
         ledger: list[FileRecord] = []
         last_save = time.monotonic()
@@ -173,8 +186,14 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
                     if record.sop_uid in seen_uids or index.has_sop_uid(record.sop_uid):
                         record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-sop-uid",
                                             f"SOP Instance UID {record.sop_uid} already indexed", record.sop_uid)
+                    elif skip_duplicates and (original := _same_pixels(outcome.case, seen_pixels, index)):
+                        record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-pixels",
+                                            f"same pixels as {original}", record.sop_uid)
+                        report.duplicates.append(record)
                     else:
                         seen_uids.add(record.sop_uid)
+                        if outcome.case.pixel_hash:
+                            seen_pixels.setdefault(outcome.case.pixel_hash, record.path)
                         pending.append(outcome)
                 if record.status == "skipped":
                     report.skipped[record.reason] += 1
@@ -200,6 +219,16 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
         index.close()
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _same_pixels(case: Case, seen_pixels: dict[str, str], index: CaseIndex) -> str:
+    """Where ``case``'s exact pixels were already seen ('' if nowhere): a file queued in this run, or an indexed case."""
+    if not case.pixel_hash:
+        return ""
+    if case.pixel_hash in seen_pixels:
+        return f"{seen_pixels[case.pixel_hash]} (earlier in this run)"
+    original = index.find_pixel_hash(case.pixel_hash)
+    return f"indexed SOP {original.sop_uid} ({original.source_path})" if original else ""
 
 
 def default_workers() -> int:

@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         "index. A killed run resumes where it stopped. Exit status is non-zero only when the index holds nothing "
         "or could not be written.",
     )
-    build.add_argument("source", type=Path, help="folder exported from PACS, or an image folder")
+    build.add_argument("source", help="folder exported from PACS, an image folder, or a PACS's DICOMweb URL "
+                       "(http://host:8042/dicom-web: QIDO-RS lists chest radiographs, WADO-RS fetches them)")
     build.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
     build.add_argument("--labels", type=Path, help="CSV with path and/or sop_uid, labels (|-separated), patient_id")
     _model_argument(build)
@@ -55,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--max-pixels", type=int, help="refuse images with more pixels than this (default: 100M)")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.add_argument("--report", type=Path, help="also write the build summary as JSON to this file")
+    build.add_argument("--skip-duplicates", action="store_true", help="keep exact duplicates (same decoded pixels as "
+                       "an indexed image or one read earlier) out of the index; each is reported as skipped "
+                       "(duplicate-pixels) with the image it copies")
     build.set_defaults(func=cmd_build_index)
 
     query = sub.add_parser("query", help="find the most similar cases of other patients for an image file",
@@ -66,13 +70,40 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--patient-id", help="the query's patient, when the file does not say (PNG/JPEG)")
     query.add_argument("--include-same-patient", action="store_true", help="keep the query patient's other images")
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    cut = query.add_mutually_exclusive_group()
+    cut.add_argument("--target-recall", type=float, help="drop results below the threshold calibrated for this list "
+                     "recall (default: the index's stored operating point, see `medsim calibrate`)")
+    cut.add_argument("--threshold", type=float, help="drop results with a similarity below this")
+    cut.add_argument("--no-threshold", action="store_true", help="plain top-k, ignoring a stored operating point")
     _model_argument(query, help_suffix=" (default: the model the index was built with)")
     query.set_defaults(func=cmd_query)
+
+    _add_evaluation_commands(sub)
+
+    from medsim.train.cli import add_arguments as add_train_arguments
+
+    train = sub.add_parser("train", help="fine-tune VGG-16 on labeled chest radiographs (MONAI); write a model bundle",
+                           description="Fine-tune the VGG-16 embedding on labeled images (patient-disjoint "
+                           "validation split, retrieval mAP@10 every epoch, best checkpoint kept) and write a model "
+                           "bundle that build-index, query, evaluate and serve accept. See docs/model-card.md.")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
 
     info = sub.add_parser("info", help="size, model, creation time and label vocabulary of an index")
     info.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
+
+    _add_duplicates_command(sub)
+
+    from medsim.server.settings import add_arguments as add_serve_arguments
+
+    serve = sub.add_parser("serve", help="run the similar-case API (waitress) over an index, fed by a PACS",
+                           description="Serve /api/v1 (similar, cases, index) and /healthz over INDEX; non-indexed "
+                           "instances are fetched from the PACS over DICOMweb. Settings come from flags, MEDSIM_* "
+                           "environment variables or a TOML/JSON config file (see docs/api.md).")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 
@@ -90,15 +121,23 @@ def cmd_build_index(args) -> int:
     from medsim.ingest import LabelTable
     from medsim.model import resolve_bundle
 
-    if not args.source.exists():
+    from medsim.dicomweb import build_index_from_dicomweb, is_dicomweb_url
+
+    if is_dicomweb_url(args.source):
+        build_index = build_index_from_dicomweb
+    elif not Path(args.source).exists():
         raise MedsimError(f"source {args.source} does not exist")
     bundle = resolve_bundle(args.model)
     labels = LabelTable.from_csv(args.labels) if args.labels else LabelTable.empty()
     policy = ChestPolicy(any_body_part=args.any_body_part, any_modality=args.any_modality,
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     print(f"model: {bundle.name} ({bundle.fingerprint}); index: {args.index}", file=sys.stderr)
+    if args.skip_duplicates and is_dicomweb_url(args.source):
+        raise MedsimError("--skip-duplicates works on folders; for a DICOMweb source run `medsim duplicates` after "
+                          "the build")
+    extra = {"skip_duplicates": True} if args.skip_duplicates else {}
     report = build_index(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
-                         batch_size=args.batch_size, progress=not args.no_progress)
+                         batch_size=args.batch_size, progress=not args.no_progress, **extra)
     for line in report.summary_lines():
         print(line)
     if args.report:
@@ -106,6 +145,7 @@ def cmd_build_index(args) -> int:
             "indexed": report.indexed, "unchanged": report.unchanged, "total_cases": report.total_cases,
             "skipped": dict(report.skipped), "failed": dict(report.failed),
             "failures": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in report.failures],
+            "duplicates": [{"path": d.path, "sop_uid": d.sop_uid, "detail": d.detail} for d in report.duplicates],
             "seconds": report.seconds, "images_per_second": report.images_per_second,
             "interrupted": report.interrupted, "model": bundle.name, "model_fingerprint": bundle.fingerprint,
         }, indent=2))
@@ -114,12 +154,28 @@ def cmd_build_index(args) -> int:
     return 0 if report.total_cases > 0 else 1
 
 
+def cmd_train(args) -> int:
+    from medsim.train.cli import command
+
+    return command(args)
+
+
+def cmd_serve(args) -> int:
+    from medsim.server import serve
+    from medsim.server.settings import settings_from_args
+
+    serve(settings_from_args(args))
+    return 0
+
+
 def cmd_query(args) -> int:
-    from medsim.search import Searcher
+    from medsim.search import NO_THRESHOLD, Searcher
 
     with Searcher.open(args.index, model=args.model) as searcher:
         result = searcher.query_file(args.file, k=args.k, patient_id=args.patient_id,
-                                     include_same_patient=args.include_same_patient)
+                                     include_same_patient=args.include_same_patient,
+                                     threshold=NO_THRESHOLD if args.no_threshold else args.threshold,
+                                     target_recall=args.target_recall)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -127,8 +183,9 @@ def cmd_query(args) -> int:
     print(f"query: {args.file}  patient {query.patient_id or 'unknown'}  "
           f"{'indexed (stored vector)' if query.indexed else 'embedded now'}"
           f"{'' if args.include_same_patient else '; same-patient cases excluded'}")
+    print(_operating_point_line(result.operating_point))
     if not result.hits:
-        print("no other cases in the index")
+        print("no case above the threshold" if result.operating_point else "no other cases in the index")
         return 0
     header = f"{'rank':>4}  {'score':>6}  {'labels':<28}  {'study / series / SOP instance UID':<40}  path"
     print(header)
@@ -166,6 +223,170 @@ def cmd_info(args) -> int:
     print(f"labels ({len(stats['labels'])}):")
     for label, n in stats["labels"].items():
         print(f"  {label:<32} {n}")
+    return 0
+
+
+def _add_duplicates_command(sub) -> None:
+    from medsim.duplicates import Thresholds
+
+    defaults = Thresholds()
+    dup = sub.add_parser(
+        "duplicates", help="find exact and near-duplicate images in an index (CSV, optional HTML with thumbnails)",
+        description="Group the index's images into duplicates: exact (same decoded pixels, from the pixel hash "
+        "stored at ingest) and near-duplicate (embedding neighbours with cosine >= --min-cosine whose perceptual "
+        "hashes differ in at most --max-hamming of 64 bits: resized, re-compressed, re-windowed copies). Each match "
+        "is labelled same-patient, different-patient (a possible identity or labelling error) or unknown-patient. "
+        "Uses the ANN index, never an N x N matrix. See docs/duplicates.md.")
+    dup.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
+    dup.add_argument("--out", type=Path, required=True, help="CSV to write, one row per matched pair with its group")
+    dup.add_argument("--html", type=Path, help="also write a self-contained HTML page: each group's thumbnails side "
+                     "by side with UIDs, pseudonymous patients and labels")
+    dup.add_argument("--min-cosine", type=float, default=defaults.min_cosine,
+                     help="embedding cosine a near-duplicate needs (default: %(default)s)")
+    dup.add_argument("--max-hamming", type=int, default=defaults.max_hamming,
+                     help="most pHash bits (of 64) a near-duplicate may differ in (default: %(default)s)")
+    dup.add_argument("--neighbours", type=int, default=defaults.neighbours,
+                     help="embedding neighbours examined per image (default: %(default)s)")
+    dup.add_argument("--html-max-groups", type=int, default=500, help="groups shown in the HTML (default: "
+                     "%(default)s; different-patient groups first; the CSV has all)")
+    dup.add_argument("--show-patient-ids", action="store_true",
+                     help="show stored patient IDs in the HTML instead of per-report pseudonyms")
+    dup.add_argument("--json", action="store_true", help="print the groups as JSON instead of a summary")
+    dup.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dup.set_defaults(func=cmd_duplicates)
+
+
+def cmd_duplicates(args) -> int:
+    from medsim.duplicates import Thresholds, find_duplicates, write_csv, write_html
+
+    thresholds = Thresholds(min_cosine=args.min_cosine, max_hamming=args.max_hamming, neighbours=args.neighbours)
+    report = find_duplicates(args.index, thresholds, progress=not args.no_progress and not args.json)
+    write_csv(report, args.out)
+    shown = None
+    if args.html:
+        shown = write_html(report, args.html, max_groups=args.html_max_groups,
+                           show_patient_ids=args.show_patient_ids)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    for line in report.summary_lines():
+        print(line)
+    print(f"pairs: {args.out}" + (f"; HTML ({shown} group(s)): {args.html}" if args.html else ""))
+    return 0
+
+
+def _operating_point_line(op: dict | None) -> str:
+    if op is None:
+        return "operating point: none (plain top-k; `medsim calibrate` stores one with the index)"
+    if "target_recall" in op:
+        return (f"operating point: {op['source']}: similarity >= {op['threshold']:.4f} "
+                f"(target list recall@{op['k']} {op['target_recall']:.2f})")
+    return f"operating point: {op['source']}: similarity >= {op['threshold']:.4f}"
+
+
+def _add_evaluation_commands(sub) -> None:
+    ev = sub.add_parser(
+        "evaluate", help="compare retrieval methods (CNN, SIFT, SURF, ORB, hashes) on labeled images; HTML report",
+        description="Every labeled image is a query against all others (its own patient excluded). Writes "
+        "OUT/index.html (self-contained) and OUT/results.json: pairwise accuracy/precision/recall/F1 at the "
+        "calibrated operating point and the break-even point, P@k/R@k/mAP@k/nDCG@k, per finding and per source, "
+        "bootstrap 95 % CIs, PR and P@k plots, example queries. See docs/evaluation.md.")
+    ev.add_argument("--images", type=Path, required=True, help="folder of images (DICOM/PNG/JPEG)")
+    ev.add_argument("--labels", type=Path, required=True,
+                    help="labels CSV: path, labels (|-separated), patient_id[, source]")
+    ev.add_argument("--methods", default="cnn,sift,surf,orb,phash,dhash",
+                    help="comma-separated: cnn (ImageNet VGG-16, plus the fine-tuned bundle when present), "
+                    "cnn-finetuned, cnn:BUNDLE, sift, orb, surf, kaze, akaze, phash, dhash (default: %(default)s)")
+    ev.add_argument("--out", type=Path, default=Path("reports/evaluation"), help="report folder (default: %(default)s)")
+    ev.add_argument("--relevance", default="shares",
+                    help="shares (at least one label in common; default), same-set, or finding:X")
+    ev.add_argument("--include-same-patient", action="store_true", help="count the query patient's other images")
+    ev.add_argument("--target-recall", type=float, default=0.9,
+                    help="list recall@k the operating point targets (default: %(default)s)")
+    ev.add_argument("-k", "--list-k", type=int, default=10, help="result list length k (default: %(default)s)")
+    ev.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
+    ev.add_argument("--limit", type=int, help="evaluate at most N images (drawn round-robin across sources)")
+    ev.add_argument("--sources", help="comma-separated sources (labels.csv 'source' column) to keep")
+    ev.add_argument("--model", help="model bundle for 'cnn' (default: ImageNet VGG-16)")
+    ev.add_argument("--cache", type=Path, help="feature/index cache (default: $MEDSIM_HOME/eval-cache)")
+    ev.add_argument("--jobs", type=int, help="worker processes for feature extraction (default: all cores)")
+    ev.add_argument("--vocabulary-size", type=int, default=1000, help="visual words for SIFT/ORB/KAZE (default: "
+                    "%(default)s)")
+    ev.add_argument("--n-features", type=int, default=500, help="keypoints per image (default: %(default)s)")
+    ev.add_argument("--image-size", type=int, default=512,
+                    help="longest side for keypoint detection (default: %(default)s)")
+    ev.add_argument("--examples", type=int, default=8, help="example queries in the report (default: %(default)s)")
+    ev.add_argument("--no-validation-split", action="store_true",
+                    help="evaluate on all images even when the fine-tuned bundle records validation patients")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and tie-breaking (default: 0)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    cal = sub.add_parser(
+        "calibrate", help="pick and store the similarity threshold that reaches a target recall",
+        description="Choose the similarity threshold that keeps TARGET of the relevant cases in each query's "
+        "top-k list (list recall@k) on labeled cases of the index, check it on other patients, report the "
+        "precision it costs, and store it with the index as its operating point (used by `medsim query` and the "
+        "API by default).")
+    cal.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
+    cal.add_argument("--labels", type=Path, help="labels CSV (default: the labels stored in the index)")
+    cal.add_argument("--target-recall", type=float, default=0.9, help="target list recall (default: %(default)s)")
+    cal.add_argument("-k", type=int, default=10, help="result list length the recall refers to (default: 10)")
+    cal.add_argument("--relevance", default="shares", help="shares (default), same-set, or finding:X")
+    cal.add_argument("--include-same-patient", action="store_true", help="count the query patient's other images")
+    cal.add_argument("--check-fraction", type=float, default=0.5,
+                     help="share of patients held out to check the threshold (default: %(default)s)")
+    cal.add_argument("--dry-run", action="store_true", help="report, but do not store the operating point")
+    cal.add_argument("--json", action="store_true", help="print the operating point as JSON")
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def cmd_evaluate(args) -> int:
+    import os
+    import shlex
+
+    from medsim.evaluate.runner import EvaluationConfig, run_evaluation
+
+    config = EvaluationConfig(
+        images=args.images, labels=args.labels, out=args.out,
+        methods=tuple(m for m in args.methods.split(",") if m.strip()), relevance=args.relevance,
+        include_same_patient=args.include_same_patient, target_recall=args.target_recall, list_k=args.list_k,
+        bootstrap=args.bootstrap, seed=args.seed, limit=args.limit,
+        sources=tuple(args.sources.split(",")) if args.sources else None, model=args.model,
+        cache_dir=args.cache, jobs=args.jobs or os.cpu_count() or 1, vocabulary_size=args.vocabulary_size,
+        n_features=args.n_features, image_size=args.image_size, examples=args.examples,
+        use_validation_split=not args.no_validation_split,
+        progress=not args.no_progress, command="medsim " + shlex.join(sys.argv[1:]),
+    )
+    results = run_evaluation(config)
+    k = config.list_k
+    print(f"{'method':<46} {'acc':>6} {'prec':>6} {'rec':>6} {'F1':>6} {'BEP F1':>7} {'mAP@10':>7} {'P@10':>6} "
+          f"{'list rec':>8} {'list prec':>9}")
+    for m in results["methods"]:
+        if not m["available"]:
+            print(f"{m['title']:<46} unavailable: {m['unavailable_reason']}")
+            continue
+        op, be, rk = m["operating_point"], m["break_even"], m["ranking"]
+        print(f"{m['title']:<46} {op['accuracy']['value']:6.3f} {op['precision']['value']:6.3f} "
+              f"{op['recall']['value']:6.3f} {op['f1']['value']:6.3f} {be['f1']['value']:7.3f} "
+              f"{rk['mAP@10']['value']:7.3f} {rk['P@10']['value']:6.3f} {op['list_recall']['value']:8.3f} "
+              f"{op['list_precision']['value']:9.3f}")
+    print(f"(operating point: list recall@{k} target {config.target_recall}; report: {args.out / 'index.html'})")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from medsim.calibrate import calibrate_index, describe
+
+    op = calibrate_index(args.index, args.labels, target_recall=args.target_recall, k=args.k,
+                         relevance=args.relevance, include_same_patient=args.include_same_patient,
+                         check_fraction=args.check_fraction, store=not args.dry_run)
+    if args.json:
+        print(json.dumps(op, indent=2))
+    else:
+        for line in describe(op):
+            print(line)
+        print("stored as the index's operating point" if not args.dry_run else "dry run: nothing stored")
     return 0
 
 

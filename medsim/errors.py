@@ -11,6 +11,8 @@ SKIP_REASONS = {
     "not-chest-radiograph": "not a chest radiograph (modality or body part)",
     "unsupported": "image kind or encoding medsim cannot use (e.g. multi-frame, unknown transfer syntax)",
     "duplicate-sop-uid": "SOP Instance UID already indexed or seen earlier in this run",
+    "duplicate-pixels": "decoded pixels identical to an indexed image or one read earlier in this run "
+    "(build-index --skip-duplicates)",
 }
 
 FAIL_REASONS = {

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS cases (
     pixel_hash TEXT NOT NULL DEFAULT '',
     attributes TEXT NOT NULL DEFAULT '{}',
     added_at REAL NOT NULL,
-    vector BLOB NOT NULL
+    vector BLOB NOT NULL,
+    phash TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS cases_patient ON cases (patient_id);
 CREATE INDEX IF NOT EXISTS cases_study ON cases (study_uid);
@@ -63,6 +64,11 @@ CREATE TABLE IF NOT EXISTS files (
     seen_at REAL NOT NULL
 );
 """
+
+# Columns added to `cases` after format 1 shipped, appended by a writable open of an older index (ALTER TABLE ADD
+# COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 64-bit perceptual hash of
+# the display pixels, 16 hex digits (medsim.duplicates.perceptual_hash); '' when not computed.
+ADDED_COLUMNS = (("phash", "TEXT NOT NULL DEFAULT ''"),)
 
 
 @dataclass
@@ -81,6 +87,7 @@ class Case:
     attributes: dict = field(default_factory=dict)
     added_at: float = 0.0
     id: int | None = None
+    phash: str = ""
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> "Case":
@@ -97,6 +104,7 @@ class Case:
             pixel_hash=row["pixel_hash"],
             attributes=json.loads(row["attributes"]),
             added_at=row["added_at"],
+            phash=row["phash"] if "phash" in row.keys() else "",
         )
 
 
@@ -176,6 +184,7 @@ class CaseIndex:
         db = _connect(path / CATALOG, readonly=not writable)
         if writable:
             db.executescript(SCHEMA)
+            _add_missing_columns(db)
         return cls(path, db, writable=writable, lock_fh=lock_fh)
 
     @classmethod
@@ -227,10 +236,11 @@ class CaseIndex:
             for case, vector in zip(cases, vectors):
                 cur = self._db.execute(
                     "INSERT INTO cases (sop_uid, series_uid, study_uid, patient_id, view, modality, labels,"
-                    " source_path, pixel_hash, attributes, added_at, vector) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " source_path, pixel_hash, attributes, added_at, vector, phash)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (case.sop_uid, case.series_uid, case.study_uid, case.patient_id, case.view, case.modality,
                      "|".join(case.labels), case.source_path, case.pixel_hash, json.dumps(case.attributes),
-                     now, vector.astype(np.float32).tobytes()),
+                     now, vector.astype(np.float32).tobytes(), case.phash),
                 )
                 ids.append(cur.lastrowid)
             self._record_files(files)
@@ -290,6 +300,13 @@ class CaseIndex:
 
     def has_sop_uid(self, sop_uid: str) -> bool:
         return self._db.execute("SELECT 1 FROM cases WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+
+    def find_pixel_hash(self, pixel_hash: str) -> Case | None:
+        """The first indexed case whose decoded pixels hash to ``pixel_hash`` (an exact duplicate), if any."""
+        if not pixel_hash:
+            return None
+        row = self._db.execute("SELECT * FROM cases WHERE pixel_hash=? ORDER BY id LIMIT 1", (pixel_hash,)).fetchone()
+        return Case._from_row(row) if row else None
 
     def get(self, sop_uid: str) -> Case | None:
         row = self._db.execute("SELECT * FROM cases WHERE sop_uid=?", (sop_uid,)).fetchone()
@@ -375,6 +392,18 @@ class CaseIndex:
             hits.append(Hit(case=case, score=float(1.0 - distance)))
         return hits[:k]
 
+    def neighbours(self, vectors: np.ndarray, k: int, num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
+        """Batch k-NN for many query vectors: (case ids, cosine similarities), each (n, k), best first; k is capped
+        at the number of cases. For scans over the whole index (duplicates); no SQL per query."""
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        k = min(int(k), len(self))
+        if k <= 0 or not len(vectors):
+            return np.zeros((len(vectors), 0), dtype=np.int64), np.zeros((len(vectors), 0), dtype=np.float32)
+        hnsw = self._graph()
+        hnsw.set_ef(max(self.meta["ef"], k))
+        labels, distances = hnsw.knn_query(vectors, k=k, num_threads=num_threads)
+        return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
+
     def _graph(self):
         """The hnswlib graph, loaded from disk and caught up with the catalog, or rebuilt from it."""
         if self._hnsw is not None:
@@ -409,6 +438,15 @@ def _ensure_capacity(hnsw, extra: int) -> None:
     needed = hnsw.get_current_count() + extra
     if needed > hnsw.get_max_elements():
         hnsw.resize_index(max(needed, 2 * hnsw.get_max_elements()))
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Schema migration for an index written by an older medsim: append the columns of ADDED_COLUMNS it lacks."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(cases)")}
+    with db:
+        for name, declaration in ADDED_COLUMNS:
+            if name not in present:
+                db.execute(f"ALTER TABLE cases ADD COLUMN {name} {declaration}")
 
 
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:

@@ -1,0 +1,127 @@
+"""Arguments and command of `medsim train` (medsim/cli.py only wires them in)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from medsim.train.objectives import OBJECTIVES
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from medsim.train.run import TRAIN_LAYERS, TrainConfig
+
+    d = TrainConfig(images="", labels="", out="")
+    parser.add_argument("--images", type=Path, required=True, help="folder of labeled images (DICOM/PNG/JPEG)")
+    parser.add_argument("--labels", type=Path, required=True,
+                        help="labels CSV: path and/or sop_uid, labels (|-separated), patient_id[, source]")
+    parser.add_argument("--out", type=Path,
+                        help="bundle directory to write (default: $MEDSIM_HOME/bundles/default, where build-index, "
+                        "query, evaluate and serve find it)")
+    parser.add_argument("--work-dir", type=Path, help="checkpoints and history (default: .OUT-NAME.train beside OUT)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in the work folder (same data and "
+                        "settings; a finished run just re-writes its bundle; starts a new run when there is none)")
+    parser.add_argument("--restart", action="store_true", help="discard a previous run in the work folder (wins over "
+                        "--resume)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
+    parser.add_argument("--init", help="start from this fine-tuned bundle instead of ImageNet VGG-16 (the labels "
+                        "must map onto its vocabulary)")
+    parser.add_argument("--label-map", action="append", metavar="OLD=NEW|FILE.json",
+                        help="rename labels of the labels file (repeatable)")
+    parser.add_argument("--objective", default=d.objective,
+                        help=f"loss terms joined by '+', optionally weighted (0.5*supcon): {', '.join(OBJECTIVES)} "
+                        f"(default: %(default)s)")
+    parser.add_argument("--train-layers", default=d.train_layers, choices=list(TRAIN_LAYERS),
+                        help="first VGG-16 layer that trains; earlier ones stay at ImageNet weights and their "
+                        "activations are cached ('all': whole network on images, for --device cuda; 'none': "
+                        "projection head only) (default: %(default)s)")
+    parser.add_argument("--embedding-dim", type=int, default=d.embedding_dim, help="projection size (default: "
+                        "%(default)s)")
+    parser.add_argument("--pooling", default=d.pooling, help="gap, gem or gem:P (default: %(default)s)")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help="maximum epochs (default: %(default)s)")
+    parser.add_argument("--patience", type=int, default=d.patience,
+                        help="early stopping: epochs without a better validation mAP@10 (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of VGG-16 layers (default: "
+                        "%(default)s)")
+    parser.add_argument("--head-lr", type=float, default=d.head_lr, help="learning rate of the projection and "
+                        "classifier (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay, help="(default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=d.temperature, help="supcon temperature (default: "
+                        "%(default)s)")
+    parser.add_argument("--views", type=int, default=d.views,
+                        help="augmented views per training image cached besides the original (default: %(default)s)")
+    parser.add_argument("--feature-augment", type=float, default=d.feature_augment,
+                        help="probability of a random shift/scale of the cached activation grid (default: "
+                        "%(default)s)")
+    parser.add_argument("--validation-fraction", type=float, default=d.validation_fraction,
+                        help="share of patients held out (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, augmentation and training "
+                        "(default: %(default)s)")
+    parser.add_argument("--select", default=d.select, choices=["all", "nih", "mean"],
+                        help="validation mAP@10 that picks the best epoch: whole split, NIH images, or their mean "
+                        "(default: %(default)s)")
+    parser.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes (default: "
+                        "%(default)s)")
+    parser.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of an epoch (smoke runs)")
+    parser.add_argument("--name", default=d.name, help="bundle name (default: %(default)s)")
+    parser.add_argument("--report", type=Path, help="also write the result (metrics, timings) as JSON to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines while caching")
+
+
+def command(args) -> int:
+    import torch
+
+    from medsim.model import default_bundle_path
+    from medsim.train.data import parse_label_map
+    from medsim.train.run import TrainConfig, Trainer
+
+    try:
+        import ignite  # noqa: F401
+    except ImportError:
+        from medsim.train.run import TrainError
+
+        raise TrainError("medsim train needs pytorch-ignite (MONAI's training engine): pip install 'medsim[train]'")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = args.out or default_bundle_path()
+    config = TrainConfig(
+        images=str(args.images), labels=str(args.labels), out=str(out),
+        work_dir=str(args.work_dir) if args.work_dir else None, name=args.name, objective=args.objective,
+        train_layers=args.train_layers, pooling=args.pooling, embedding_dim=args.embedding_dim, epochs=args.epochs,
+        patience=args.patience, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=args.weight_decay, temperature=args.temperature, views=args.views,
+        feature_augment=args.feature_augment, validation_fraction=args.validation_fraction, seed=args.seed,
+        select=args.select, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
+        workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch,
+    )
+    try:
+        trainer = Trainer(config, resume=args.resume, restart=args.restart, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    except ValueError as exc:
+        from medsim.train.run import TrainError
+
+        raise TrainError(str(exc)) from None
+    try:
+        result = trainer.run()
+    except KeyboardInterrupt:
+        import sys
+
+        print(f"medsim train: interrupted; `medsim train ... --resume` continues from the last finished epoch "
+              f"(checkpoints in {trainer.work_dir})", file=sys.stderr)
+        raise
+    print(f"bundle: {result.bundle_path} ({result.fingerprint})")
+    print(f"best epoch {result.best_epoch} of {result.epochs_run}; validation mAP@10 "
+          f"{result.validation.get('mAP@10', float('nan')):.3f} (ImageNet baseline "
+          f"{result.baseline.get('mAP@10', float('nan')):.3f}); {result.wall_seconds / 60:.1f} min")
+    if args.report:
+        from medsim.train.run import _clean
+
+        args.report.write_text(json.dumps(_clean({
+            "bundle": result.bundle_path, "fingerprint": result.fingerprint, "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run, "validation": result.validation, "baseline": result.baseline,
+            "wall_seconds": result.wall_seconds, "history": result.history, "run_dir": result.run_dir}), indent=2))
+    return 0

@@ -1,0 +1,173 @@
+"""What is trained: the trainable tail of VGG-16, pooling, a projection head, and the losses that serve retrieval.
+
+The network that is trained maps cached trunk activations (pool4, or a later frozen block-5 layer) to
+
+    embedding = L2(projection(pool(block5_tail(x))))        -- exactly what the bundle's EmbeddingNet computes
+    logits    = scale * cos(embedding, class_weights) + bias  -- a cosine classifier over the label vocabulary
+
+Objectives (``--objective``, summed with their weights):
+
+* ``bce``: multi-label binary cross-entropy of the cosine classifier on the *embedding* itself, so that the
+  embedding space is organised by findings (cases of one finding point the same way).
+* ``supcon``: supervised contrastive loss (Khosla et al. 2020) generalised to multi-label: for each anchor, every
+  other case of the batch that shares at least one label with it is a positive -- the relevance used for retrieval.
+  Pairs of the same patient are left out entirely (neither positive nor negative), as retrieval excludes them.
+* ``ms``: multi-similarity loss (Wang et al., CVPR 2019) with the same relevance and the same patient rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medsim.model.network import build_pooling
+
+OBJECTIVES = ("bce", "supcon", "ms")
+
+
+def parse_objective(text: str) -> dict[str, float]:
+    """"bce+supcon" -> {"bce": 1.0, "supcon": 1.0}; "bce+0.5*supcon" -> {"bce": 1.0, "supcon": 0.5}."""
+    out: dict[str, float] = {}
+    for part in text.replace(" ", "").split("+"):
+        if not part:
+            continue
+        weight, _, name = part.rpartition("*")
+        name = name.lower()
+        if name not in OBJECTIVES:
+            raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)} (combine with '+')")
+        out[name] = float(weight) if weight else 1.0
+    if not out:
+        raise ValueError("empty objective")
+    return out
+
+
+class RetrievalNet(nn.Module):
+    """Trainable tail + pooling + projection (+ cosine classifier). ``tail`` is ``vgg16().features[start:30]``
+    (an empty Sequential when only the head trains)."""
+
+    def __init__(self, tail: nn.Sequential, pooling: Mapping, projection: nn.Linear, n_labels: int,
+                 scale: float = 16.0):
+        super().__init__()
+        self.tail = tail
+        self.pool = build_pooling(pooling)
+        self.projection = projection
+        self.class_weight = nn.Parameter(torch.randn(n_labels, projection.out_features) * 0.01)
+        self.class_bias = nn.Parameter(torch.zeros(n_labels))
+        self.scale = float(scale)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(self.pool(self.tail(x))), dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        emb = self.embed(x)
+        logits = self.scale * emb @ F.normalize(self.class_weight, dim=1).T + self.class_bias
+        return {"embedding": emb, "logits": logits}
+
+
+def _pair_masks(labels: torch.Tensor, patients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid, positive) (B, B) bool: valid = different patients; positive = valid and sharing a label."""
+    valid = patients[:, None] != patients[None, :]
+    shares = (labels @ labels.T) > 0
+    return valid, shares & valid
+
+
+def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, patients: torch.Tensor, temperature: float = 0.1
+                ) -> torch.Tensor:
+    valid, positive = _pair_masks(labels, patients)
+    logits = emb @ emb.T / temperature
+    logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min / 2)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    n_pos = positive.sum(dim=1)
+    has = n_pos > 0
+    if not bool(has.any()):
+        return emb.sum() * 0.0
+    per_anchor = -(log_prob * positive).sum(dim=1)[has] / n_pos[has]
+    return per_anchor.mean()
+
+
+def multi_similarity_loss(emb: torch.Tensor, labels: torch.Tensor, patients: torch.Tensor, alpha: float = 2.0,
+                          beta: float = 40.0, base: float = 0.5, margin: float = 0.1) -> torch.Tensor:
+    valid, positive = _pair_masks(labels, patients)
+    negative = valid & ~positive
+    sim = emb @ emb.T
+    losses = []
+    for i in range(len(emb)):
+        pos, neg = sim[i][positive[i]], sim[i][negative[i]]
+        if len(pos) == 0 or len(neg) == 0:
+            continue
+        # mining: negatives harder than the easiest positive, positives harder than the hardest negative
+        neg = neg[neg + margin > pos.min()]
+        pos = pos[pos - margin < neg.max()] if len(neg) else pos[:0]
+        if len(pos) == 0 or len(neg) == 0:
+            continue
+        losses.append(torch.log1p(torch.exp(-alpha * (pos - base)).sum()) / alpha
+                      + torch.log1p(torch.exp(beta * (neg - base)).sum()) / beta)
+    return torch.stack(losses).mean() if losses else emb.sum() * 0.0
+
+
+class RetrievalLoss(nn.Module):
+    """Weighted sum of the objectives; called by the MONAI trainer as ``loss(pred, targets)``."""
+
+    def __init__(self, weights: Mapping[str, float], temperature: float = 0.1, pos_weight: torch.Tensor | None = None):
+        super().__init__()
+        self.weights = dict(weights)
+        self.temperature = float(temperature)
+        self.register_buffer("pos_weight", pos_weight if pos_weight is not None else torch.empty(0))
+        self.last: dict[str, float] = {}
+
+    def forward(self, pred: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        # the losses run in float32, also under mixed precision (autocast would compute emb @ emb.T in float16)
+        with torch.autocast(device_type=pred["embedding"].device.type, enabled=False):
+            return self._forward({"embedding": pred["embedding"].float(), "logits": pred["logits"].float()},
+                                 targets["labels"].float(), targets["patient"])
+
+    def _forward(self, pred: Mapping[str, torch.Tensor], labels: torch.Tensor, patients: torch.Tensor
+                 ) -> torch.Tensor:
+        total = pred["embedding"].new_zeros(())
+        parts = {}
+        if "bce" in self.weights:
+            pw = self.pos_weight if self.pos_weight.numel() else None
+            parts["bce"] = F.binary_cross_entropy_with_logits(pred["logits"], labels, pos_weight=pw)
+        if "supcon" in self.weights:
+            parts["supcon"] = supcon_loss(pred["embedding"], labels, patients, self.temperature)
+        if "ms" in self.weights:
+            parts["ms"] = multi_similarity_loss(pred["embedding"], labels, patients)
+        for name, value in parts.items():
+            total = total + self.weights[name] * value
+        self.last = {k: float(v.detach()) for k, v in parts.items()}
+        return total
+
+
+def init_projection(out_dim: int, pooled: torch.Tensor | None = None, in_dim: int = 512) -> nn.Linear:
+    """The projection at the start of training: the identity when ``out_dim == in_dim`` (training starts from the
+    ImageNet embedding), else the top principal directions of ``pooled`` training descriptors (centred), so the
+    projected ImageNet embedding keeps as much of its geometry as a linear map of that size can."""
+    proj = nn.Linear(in_dim, out_dim)
+    with torch.no_grad():
+        if out_dim == in_dim:
+            proj.weight.copy_(torch.eye(in_dim))
+            proj.bias.zero_()
+        elif pooled is not None and len(pooled) > out_dim:
+            x = pooled.double()
+            mean = x.mean(0)
+            _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+            w = v[:out_dim].float()
+            proj.weight.copy_(w)
+            proj.bias.copy_(-(w @ mean.float()))
+        else:
+            nn.init.orthogonal_(proj.weight)
+            proj.bias.zero_()
+    return proj
+
+
+def cosine_schedule_lambda(max_epochs: int, warmup_epochs: int = 0):
+    def f(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        t = (epoch - warmup_epochs) / max(1, max_epochs - warmup_epochs)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f

@@ -1,0 +1,78 @@
+"""Validation retrieval metrics, computed with :mod:`medsim.evaluate.metrics` (the definitions `medsim evaluate`
+reports): every validation image queries every other validation image, its own patient's images excluded;
+relevant = shares at least one label ("No Finding" counts as a label).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from medsim.evaluate import metrics as M
+
+NIH_SOURCE = "nih"
+
+
+def _block(scores: np.ndarray, labels: Sequence[tuple[str, ...]], patients: Sequence[str], k: int,
+           break_even: bool) -> dict:
+    n = len(labels)
+    ids = np.arange(n)
+    valid = ~M.exclusion_mask(ids, ids, list(patients), list(patients))
+    relevant = M.relevance_matrix(list(labels), list(labels), "shares")
+    out: dict = {"images": n, "patients": len(set(patients))}
+    if n < 2 or not valid.any():
+        out.update({f"mAP@{k}": float("nan"), f"P@{k}": float("nan")})
+        return out
+    topk = M.rank_topk(scores, valid, k)
+    ranking = M.ranking_metrics(topk, relevant, valid, ks=(k,))
+    out[f"mAP@{k}"] = M.mean_over_queries(ranking[f"mAP@{k}"])
+    out[f"P@{k}"] = M.mean_over_queries(ranking[f"P@{k}"])
+    out["queries_with_relevant"] = int(np.sum(ranking["has_relevant"]))
+    if break_even:
+        curve = M.sweep_counts(scores, relevant, valid).curve()
+        be = M.break_even(curve)
+        out["break_even"] = {"precision": be["precision"], "recall": be["recall"], "f1": be["f1"],
+                             "threshold": be["threshold"]}
+        out["pairwise_ap"] = M.average_precision_pairwise(curve)
+    return out
+
+
+def retrieval_report(embeddings: np.ndarray, labels: Sequence[tuple[str, ...]], patients: Sequence[str],
+                     sources: Sequence[str], k: int = 10, break_even: bool = True) -> dict:
+    """Metrics on the whole validation set and per source (queries and gallery both of that source).
+
+    Keys: ``mAP@k``, ``P@k``, ``break_even`` {precision, recall, f1, threshold}, ``pairwise_ap``, ``by_source``
+    {source: the same}, and ``nih_queries_vs_all`` (NIH queries ranked against the whole validation gallery)."""
+    emb = np.asarray(embeddings, dtype=np.float64)
+    scores = emb @ emb.T
+    report = _block(scores, labels, patients, k, break_even)
+    sources = list(sources)
+    by_source = {}
+    for source in sorted(set(sources)):
+        idx = np.flatnonzero(np.asarray([s == source for s in sources]))
+        if len(idx) < 2:
+            continue
+        by_source[source or "(none)"] = _block(scores[np.ix_(idx, idx)], [labels[i] for i in idx],
+                                               [patients[i] for i in idx], k, break_even)
+    report["by_source"] = by_source
+    nih = np.asarray([s == NIH_SOURCE for s in sources])
+    if nih.any():
+        n = len(labels)
+        ids = np.arange(n)
+        valid = ~M.exclusion_mask(ids, ids, list(patients), list(patients))
+        relevant = M.relevance_matrix(list(labels), list(labels), "shares")
+        topk = M.rank_topk(scores, valid, k)
+        ranking = M.ranking_metrics(topk, relevant, valid, ks=(k,))
+        report["nih_queries_vs_all"] = {f"mAP@{k}": M.mean_over_queries(np.where(nih, ranking[f"mAP@{k}"], np.nan)),
+                                        "queries": int(nih.sum())}
+    return report
+
+
+def headline(report: dict, k: int = 10) -> dict:
+    """The numbers the progress line and the model card quote."""
+    nih = report.get("by_source", {}).get(NIH_SOURCE, {})
+    be = report.get("break_even", {})
+    return {f"mAP@{k}": report.get(f"mAP@{k}"), f"nih_mAP@{k}": nih.get(f"mAP@{k}"),
+            "break_even_precision": be.get("precision"), "nih_break_even_precision":
+            nih.get("break_even", {}).get("precision")}

@@ -1,0 +1,208 @@
+/**
+ * The "Similar cases" panel's DOM: draws logic.panelModel(state) into a container element.
+ *
+ * The prebuilt OHIF viewer does not hand React to run-time plugins, so the panel is plain DOM that the
+ * extension mounts into a host element (see extension.js). Text is always set with textContent (never HTML).
+ */
+
+import { STATUS } from './logic.js';
+
+function el(doc, tag, attrs = {}, children = []) {
+  const node = doc.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) {
+      continue;
+    }
+    if (name === 'text') {
+      node.textContent = String(value);
+    } else if (name === 'onClick') {
+      node.addEventListener('click', value);
+    } else if (name === 'className') {
+      node.className = value;
+    } else {
+      node.setAttribute(name, value === true ? '' : String(value));
+    }
+  }
+  for (const child of [].concat(children)) {
+    if (child === null || child === undefined || child === false) {
+      continue;
+    }
+    node.appendChild(typeof child === 'string' ? doc.createTextNode(child) : child);
+  }
+  return node;
+}
+
+function button(doc, label, onClick, attrs = {}) {
+  return el(doc, 'button', { type: 'button', className: 'medsim-button', onClick, ...attrs, text: label });
+}
+
+function renderIdle(doc) {
+  return el(doc, 'div', { className: 'medsim-state', 'data-cy': 'medsim-state', 'data-state': 'idle' }, [
+    el(doc, 'p', { text: 'Click "Find similar cases" in the toolbar to search for cases of other patients that ' +
+      'look like the image in the active viewport.' }),
+  ]);
+}
+
+function renderLoading(doc) {
+  return el(doc, 'div', { className: 'medsim-state medsim-loading', 'data-cy': 'medsim-state', 'data-state': 'loading',
+    role: 'status', 'aria-live': 'polite' }, [
+    el(doc, 'span', { className: 'medsim-spinner', 'aria-hidden': 'true' }),
+    el(doc, 'span', { text: 'Searching for similar cases…' }),
+  ]);
+}
+
+function renderError(doc, model, actions) {
+  const error = model.error || {};
+  return el(doc, 'div', { className: `medsim-state medsim-error medsim-error-${error.kind || 'unknown'}`,
+    'data-cy': 'medsim-state', 'data-state': 'error', 'data-error-kind': error.kind || '', role: 'alert' }, [
+    el(doc, 'h4', { text: error.title || 'Something went wrong' }),
+    el(doc, 'p', { text: error.message || '' }),
+    error.retry ? button(doc, 'Try again', actions.retry, { 'data-cy': 'medsim-retry' }) : null,
+  ]);
+}
+
+function queryLine(doc, model) {
+  const query = model.query || {};
+  const bits = [];
+  if (query.findings && query.findings.length) {
+    bits.push(`findings: ${query.findings.join(', ')}`);
+  }
+  if (query.view) {
+    bits.push(`view ${query.view}`);
+  }
+  bits.push(query.indexed ? 'indexed' : 'fetched from the PACS');
+  return el(doc, 'div', { className: 'medsim-query', 'data-cy': 'medsim-query' }, [
+    el(doc, 'span', { className: 'medsim-muted', text: 'Query image: ' }),
+    bits.join(' · '),
+  ]);
+}
+
+function renderItem(doc, item) {
+  const meta = [item.date, item.description].filter(Boolean).join(' · ');
+  const findings = el(doc, 'div', { className: 'medsim-findings' },
+    item.findings.length
+      ? item.findings.map(f => el(doc, 'span', {
+        className: `medsim-chip${item.shared.includes(f) ? ' medsim-chip-shared' : ''}`,
+        title: item.shared.includes(f) ? 'shared with the query image' : undefined,
+        text: f,
+      }))
+      : [el(doc, 'span', { className: 'medsim-muted', text: 'no findings recorded' })]);
+  const thumb = item.thumbnailUrl
+    ? el(doc, 'img', { className: 'medsim-thumb', src: item.thumbnailUrl, alt: `thumbnail of result ${item.rank}`,
+      loading: 'lazy', width: 96, height: 96 })
+    : el(doc, 'div', { className: 'medsim-thumb medsim-thumb-missing', text: 'no preview' });
+  return el(doc, 'li', { className: 'medsim-result', 'data-cy': 'medsim-result', 'data-rank': item.rank,
+    'data-study-uid': item.studyUid, 'data-sop-uid': item.sopUid, 'data-findings': item.findings.join('|'),
+    'data-patient': item.patient, 'data-score': item.score }, [
+    el(doc, 'a', { className: 'medsim-result-link', href: item.openUrl, target: '_blank', rel: 'noopener',
+      title: 'Open this study in a new tab', 'data-cy': 'medsim-open-study' }, [
+      thumb,
+      el(doc, 'div', { className: 'medsim-result-body' }, [
+        el(doc, 'div', { className: 'medsim-result-head' }, [
+          el(doc, 'span', { className: 'medsim-rank', text: `#${item.rank}` }),
+          el(doc, 'span', { className: 'medsim-score', title: 'cosine similarity', text: item.scoreText }),
+        ]),
+        findings,
+        meta ? el(doc, 'div', { className: 'medsim-meta', 'data-cy': 'medsim-study-meta', text: meta }) : null,
+        el(doc, 'div', { className: 'medsim-muted medsim-small', text: [
+          item.view ? `view ${item.view}` : '',
+          item.matchedImages > 1 ? `${item.matchedImages} images matched` : '',
+        ].filter(Boolean).join(' · ') }),
+      ]),
+    ]),
+    item.sideBySideUrl
+      ? el(doc, 'a', { className: 'medsim-side-by-side', href: item.sideBySideUrl, 'data-cy': 'medsim-side-by-side',
+        title: 'Show the query study and this study side by side here', text: 'side by side' })
+      : null,
+  ]);
+}
+
+function renderResults(doc, model, actions) {
+  const children = [
+    queryLine(doc, model),
+    el(doc, 'div', { className: 'medsim-op', 'data-cy': 'medsim-operating-point', text: model.operatingPointText }),
+  ];
+  if (model.status === STATUS.EMPTY) {
+    children.push(el(doc, 'div', { className: 'medsim-state medsim-empty', 'data-cy': 'medsim-state',
+      'data-state': 'empty' }, [
+      el(doc, 'p', { text: model.emptyMessage }),
+      model.offerShowAnyway
+        ? button(doc, 'Show top 10 anyway', actions.showAnyway, { 'data-cy': 'medsim-show-anyway' })
+        : null,
+    ]));
+  } else {
+    children.push(el(doc, 'ol', { className: 'medsim-results', 'data-cy': 'medsim-results',
+      'data-state': 'results' }, model.items.map(item => renderItem(doc, item))));
+  }
+  children.push(el(doc, 'div', { className: 'medsim-muted medsim-small medsim-footer', text: [
+    model.includeSamePatient ? 'same patient included' : 'other patients only',
+    model.groupBy === 'study' ? 'best image per study' : 'every image',
+    typeof model.tookMs === 'number' ? `${Math.round(model.tookMs)} ms` : '',
+  ].filter(Boolean).join(' · ') }));
+  return el(doc, 'div', { className: 'medsim-body' }, children);
+}
+
+/** Draw the panel for `model` (logic.panelModel) into `container`, replacing what was there. */
+export function renderPanel(container, model, actions) {
+  const doc = container.ownerDocument;
+  let body;
+  switch (model.status) {
+    case STATUS.LOADING:
+      body = renderLoading(doc);
+      break;
+    case STATUS.ERROR:
+      body = renderError(doc, model, actions);
+      break;
+    case STATUS.RESULTS:
+    case STATUS.EMPTY:
+      body = renderResults(doc, model, actions);
+      break;
+    default:
+      body = renderIdle(doc);
+  }
+  const root = el(doc, 'div', { className: 'medsim-panel', 'data-cy': 'medsim-similar-panel',
+    'data-status': model.status }, [
+    el(doc, 'div', { className: 'medsim-header' }, [
+      el(doc, 'h3', { text: 'Similar cases' }),
+      model.status !== STATUS.IDLE && model.status !== STATUS.LOADING
+        ? button(doc, 'Refresh', actions.retry, { className: 'medsim-button medsim-link-button',
+          'data-cy': 'medsim-refresh', title: 'Search again for this image' })
+        : null,
+    ]),
+    body,
+  ]);
+  container.replaceChildren(root);
+}
+
+/** A view bound to a controller: mount(node) draws and follows the state, unmount() stops. */
+export function createPanelView(controller) {
+  let node = null;
+  let unsubscribe = null;
+  const actions = {
+    retry: () => controller.retry(),
+    showAnyway: () => controller.showAnyway(),
+  };
+  const draw = () => {
+    if (node) {
+      renderPanel(node, controller.model(), actions);
+    }
+  };
+  return {
+    mount(element) {
+      if (node === element) {
+        return;
+      }
+      this.unmount();
+      node = element;
+      unsubscribe = controller.subscribe(draw);
+      draw();
+    },
+    unmount() {
+      if (unsubscribe) {
+        unsubscribe();
+      }
+      unsubscribe = null;
+      node = null;
+    },
+  };
+}

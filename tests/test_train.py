@@ -1,0 +1,226 @@
+"""`medsim train` on a handful of real chest X-rays from ../shared/data/cxr (few steps): the bundle it writes loads
+and indexes, an interrupted run resumes, and a bundle refuses labels its vocabulary cannot map. Also the split,
+vocabulary mapping and losses on their own."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medsim.cli import main
+from medsim.model import ModelBundle, resolve_bundle
+from medsim.train.data import (
+    TrainRecord,
+    VocabularyError,
+    load_train_set,
+    map_vocabulary,
+    normalise_label,
+    parse_label_map,
+    patient_split,
+)
+from medsim.train.objectives import _pair_masks, multi_similarity_loss, parse_objective, supcon_loss
+from medsim.train.run import TrainConfig, Trainer, TrainError, decode_tensor
+
+from conftest import SHARED_CXR
+
+# 18 images of 17 patients from four sources: NIH (two images of one patient), NIH 64 px, Kermany, Hannover.
+PICK = {"nih": 7, "nih64": 3, "kermany": 5, "hannover": 3}
+FAST = ["--epochs", "2", "--batch-size", "6", "--max-steps-per-epoch", "2", "--validation-fraction", "0.3",
+        "--no-progress"]
+
+
+def _rows():
+    with open(SHARED_CXR / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A labeled folder of real radiographs (copied to a temporary folder, never into the repository)."""
+    assert (SHARED_CXR / "labels.csv").is_file(), f"no real chest X-rays under {SHARED_CXR}"
+    rows = _rows()
+    by_patient = {}
+    for r in rows:
+        by_patient.setdefault(r["patient_id"], []).append(r)
+    chosen = []
+    two = next(rs for p, rs in sorted(by_patient.items()) if len(rs) >= 2 and rs[0]["source"] == "nih")
+    chosen += two[:2]
+    for source, n in PICK.items():
+        have = sum(r["source"] == source for r in chosen)
+        pool = [r for r in rows if r["source"] == source and r not in chosen
+                and r["patient_id"] not in {c["patient_id"] for c in chosen}]
+        chosen += pool[: n - have]
+    root = tmp_path_factory.mktemp("tiny-cxr")
+    (root / "images").mkdir()
+    with open(root / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for r in chosen:
+            name = f"images/{r['source']}_{Path(r['path']).name}"
+            shutil.copy(SHARED_CXR / r["path"], root / name)
+            writer.writerow({**r, "path": name})
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "cxr-vgg16"
+    code = main(["train", "--images", str(tiny), "--labels", str(tiny / "labels.csv"), "--out", str(out), *FAST])
+    assert code == 0
+    return out
+
+
+def test_tiny_training_run_writes_a_loadable_bundle(trained, tiny):
+    bundle = ModelBundle.load(trained)
+    assert resolve_bundle(str(trained)).fingerprint == bundle.fingerprint
+    train_set = load_train_set(tiny, tiny / "labels.csv")
+    assert list(bundle.label_vocabulary) == train_set.vocabulary
+    assert bundle.embedding_dim == 512 and bundle.network_config["projection"]["out_dim"] == 512
+    assert bundle.preprocess == resolve_bundle("imagenet").preprocess  # what training used
+
+    extra = bundle.extra
+    split = extra["split"]
+    val, tr = set(split["validation_patients"]), set(split["train_patients"])
+    assert val and tr and not val & tr
+    assert val | tr == {r.patient_id for r in train_set.records}
+    assert extra["data"]["fingerprint"] == train_set.fingerprint()
+    assert extra["training"]["hyperparameters"]["objective"] == "bce+supcon"
+    assert 1 <= extra["training"]["epochs_run"] <= 2
+    assert 0.0 <= extra["validation"]["model"]["mAP@10"] <= 1.0
+    assert "break_even" in extra["validation"]["model"] and "mAP@10" in extra["validation"]["baseline"]
+    assert extra["code_version"]["medsim"]
+    assert extra["consistency_check"]["min_cosine_bundle_vs_training_path"] > 0.99
+    weight = decode_tensor(extra["classifier"]["weight"])
+    assert weight.shape == (len(bundle.label_vocabulary), 512)
+
+    # the fine-tuned weights differ from ImageNet in conv5_3 only; the earlier layers are ImageNet's
+    imagenet = resolve_bundle("imagenet").state_dict()
+    state = bundle.state_dict()
+    assert torch.equal(state["features.0.weight"], imagenet["features.0.weight"])
+    assert torch.equal(state["features.26.weight"], imagenet["features.26.weight"])
+    assert not torch.equal(state["features.28.weight"], imagenet["features.28.weight"])
+
+    vectors = bundle.embedder().embed([np.random.default_rng(0).random((300, 260), dtype=np.float32)])
+    assert vectors.shape == (1, 512) and abs(float(np.linalg.norm(vectors)) - 1.0) < 1e-5
+
+
+def test_build_index_accepts_the_bundle(trained, tiny, tmp_path, capsys):
+    index = tmp_path / "index"
+    assert main(["build-index", str(tiny), "--labels", str(tiny / "labels.csv"), "--index", str(index),
+                 "--model", str(trained), "--workers", "0", "--no-progress"]) == 0
+    from medsim.index import open_index
+
+    with open_index(index) as opened:
+        stats = opened.stats()
+    assert stats["model"]["fingerprint"] == ModelBundle.load(trained).fingerprint
+    assert stats["cases"] == 18
+
+
+def test_an_existing_run_or_bundle_is_not_overwritten_silently(trained, tiny, capsys):
+    args = ["train", "--images", str(tiny), "--labels", str(tiny / "labels.csv"), "--out", str(trained), *FAST]
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--restart"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_resume_continues_an_interrupted_run(tiny, tmp_path):
+    out = tmp_path / "bundle"
+    config = TrainConfig(images=str(tiny), labels=str(tiny / "labels.csv"), out=str(out), epochs=3, batch_size=6,
+                         max_steps_per_epoch=2, validation_fraction=0.3, patience=10)
+
+    def interrupt(row):
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, progress=False, on_epoch=interrupt).run()
+    work = tmp_path / ".bundle.train"
+    assert (work / "last_checkpoint_epoch=1.pt").is_file() and not out.exists()
+    assert [r["epoch"] for r in json.loads((work / "history.json").read_text())] == [1]
+
+    with pytest.raises(TrainError, match="--resume"):
+        Trainer(config, progress=False).run()
+    changed = TrainConfig(**{**config.__dict__, "lr": 1e-3})
+    with pytest.raises(TrainError, match="lr="):
+        Trainer(changed, resume=True, progress=False).run()
+
+    epochs_seen = []
+    result = Trainer(config, resume=True, progress=False, on_epoch=lambda r: epochs_seen.append(r["epoch"])).run()
+    assert epochs_seen == [2, 3]
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    bundle = ModelBundle.load(out)
+    assert bundle.extra["training"]["epochs_run"] == 3
+    # the split is the one the interrupted run drew
+    run = json.loads((work / "run.json").read_text())
+    assert bundle.extra["split"]["validation_patients"] == run["split"]["validation_patients"]
+
+
+def test_a_bundle_refuses_labels_its_vocabulary_cannot_map(trained, tiny, tmp_path, capsys):
+    rows = list(csv.DictReader(open(tiny / "labels.csv", newline="")))
+    for r in rows[:3]:
+        r["labels"] = "Tuberculosis|" + r["labels"]
+    for r in rows[3:6]:
+        r["labels"] = "Lung Opacity"
+    labels = tiny / "labels-other-vocabulary.csv"
+    with open(labels, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    code = main(["train", "--images", str(tiny), "--labels", str(labels), "--out", str(tmp_path / "b"),
+                 "--init", str(trained), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "cannot map" in err and "Tuberculosis" in err and "Lung Opacity" in err and "--label-map" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_vocabulary_mapping():
+    vocab = ["COVID-19", "Effusion", "No Finding", "Pleural_Thickening", "Pneumonia"]
+    mapping = map_vocabulary(vocab, ["pleural thickening", "Normal", "covid 19", "Pneumonia"])
+    assert mapping == {"pleural thickening": "Pleural_Thickening", "Normal": "No Finding", "covid 19": "COVID-19",
+                       "Pneumonia": "Pneumonia"}
+    assert map_vocabulary(vocab, ["Pleural effusion"], parse_label_map(["Pleural effusion=Effusion"])) == \
+        {"Pleural effusion": "Effusion"}
+    with pytest.raises(VocabularyError, match="Tuberculosis"):
+        map_vocabulary(vocab, ["Tuberculosis", "Pneumonia"])
+    assert normalise_label("No_Finding") == normalise_label("no finding") == "nofinding"
+
+
+def _record(patient, labels, source="nih"):
+    return TrainRecord(path=f"/x/{patient}-{labels}", rel_path=f"{patient}-{labels}", sha256=patient,
+                       labels=tuple(labels.split("|")), patient_id=patient, source=source)
+
+
+def test_patient_split_is_seeded_disjoint_and_keeps_patients_together():
+    records = [_record(f"nih_{i}", "No Finding" if i % 2 else "Pneumonia", "nih") for i in range(40)]
+    records += [_record(f"nih_{i}", "Effusion", "nih64") for i in range(0, 40, 4)]  # same patients, other source
+    records += [_record(f"kermany_{i}", "Pneumonia", "kermany") for i in range(30)]
+    a, b = patient_split(records, 0.2, seed=3), patient_split(records, 0.2, seed=3)
+    assert a == b and patient_split(records, 0.2, seed=4) != a
+    assert not set(a.train_patients) & set(a.validation_patients)
+    assert len(a.validation_patients) == pytest.approx(0.2 * 70, abs=2)
+    tr, va = a.indices(records)
+    assert len(tr) + len(va) == len(records)
+    val_patients = {records[i].patient_id for i in va}
+    assert all(records[i].patient_id not in val_patients for i in tr)  # nih and nih64 images stay together
+    assert any(records[i].source == "kermany" for i in va) and any(records[i].source == "nih" for i in va)
+
+
+def test_losses_follow_the_retrieval_relevance():
+    assert parse_objective("bce+0.5*supcon") == {"bce": 1.0, "supcon": 0.5}
+    with pytest.raises(ValueError):
+        parse_objective("bce+triplet")
+    labels = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float32)
+    patients = torch.tensor([0, 1, 2, 3])
+    good = torch.nn.functional.normalize(torch.tensor([[1, 0.1], [1, -0.1], [0.1, 1], [-0.1, 1]]), dim=1)
+    bad = good[[0, 2, 1, 3]]
+    for loss in (supcon_loss, multi_similarity_loss):
+        assert loss(good, labels, patients) < loss(bad, labels, patients)
+    # a same-patient pair is neither positive nor negative (retrieval never shows the query's own patient)
+    valid, positive = _pair_masks(labels, torch.tensor([0, 0, 2, 3]))
+    assert not valid[0, 1] and not positive[0, 1] and positive[2, 3] and valid[0, 2] and not positive[0, 2]
