@@ -194,3 +194,24 @@ def test_exit_status(tmp_path, capsys):
     assert main(["build-index", str(tmp_path / "missing"), "--index", str(tmp_path / "i2")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["info", "--index", str(tmp_path / "nothing")]) == 2
+
+
+def test_unreadable_folder_is_reported_and_the_rest_indexed(bundle, tmp_path, monkeypatch):
+    """Permissions cannot deny root, so the folder's listing fails the way os.walk reports a denied folder."""
+    source = tmp_path / "export"
+    (source / "locked").mkdir(parents=True)
+    (source / "open").mkdir()
+    shutil.copy(SHARED_DICOM / "siim_acr_1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
+                source / "open" / "a")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    report = build_index(source, tmp_path / "idx", bundle, workers=0, progress=False)
+    assert report.indexed == 1
+    assert dict(report.failed) == {"unreadable": 1}
+    assert report.failures[0].path.endswith("locked") and "Permission denied" in report.failures[0].detail
