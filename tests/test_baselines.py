@@ -1,10 +1,10 @@
 """Baselines: k-means, bag of visual words (tf-idf by hand, real chest X-rays), perceptual hashes, SURF status."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SHARED_CXR
 
 pytest.importorskip("cv2")
 pytest.importorskip("imagehash")
@@ -12,7 +12,7 @@ pytest.importorskip("imagehash")
 from medsim.baselines import (BagOfVisualWords, DetectorUnavailable, PerceptualHash, detector_status, kmeans,  # noqa: E402
                               make_detector, to_uint8)
 
-CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+CXR = SHARED_CXR
 
 
 def _real_images(n=10):

@@ -2,9 +2,9 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+from conftest import SHARED_CXR
 
 pytest.importorskip("cv2")
 pytest.importorskip("imagehash")
@@ -12,7 +12,7 @@ pytest.importorskip("matplotlib")
 
 from medsim.cli import main  # noqa: E402
 
-CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+CXR = SHARED_CXR
 N_IMAGES = 40
 
 
