@@ -25,7 +25,6 @@ import io
 import json
 import os
 import sys
-import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -71,17 +70,23 @@ def load_gray(path: str | Path) -> np.ndarray:
         return np.asarray(image).copy()
 
 
+def _write_if_changed(path: Path, data: bytes) -> Path:
+    """Leave an identical file alone, so that re-running the generator does not make build-index re-read it."""
+    if not path.exists() or path.read_bytes() != data:
+        path.write_bytes(data)
+    return path
+
+
 def _save_image(array: np.ndarray, path: Path, quality: int | None = None) -> Path:
     from PIL import Image
 
     image = Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
+    buffer = io.BytesIO()
     if quality is None:
-        path = path.with_name(path.name + ".png")
-        image.save(path, format="PNG")
-    else:
-        path = path.with_name(path.name + ".jpg")
-        image.save(path, format="JPEG", quality=int(quality))
-    return path
+        image.save(buffer, format="PNG")
+        return _write_if_changed(path.with_name(path.name + ".png"), buffer.getvalue())
+    image.save(buffer, format="JPEG", quality=int(quality))
+    return _write_if_changed(path.with_name(path.name + ".jpg"), buffer.getvalue())
 
 
 def _resize(array: np.ndarray, scale: float) -> np.ndarray:
@@ -95,21 +100,25 @@ def _resize(array: np.ndarray, scale: float) -> np.ndarray:
 
 def write_dicom(stored: np.ndarray, path: Path, patient_id: str, bits_stored: int = 8,
                 window: tuple[float, float] | None = None, rle: bool = False) -> Path:
-    """A DX chest radiograph (MONOCHROME2) holding ``stored`` with fresh UIDs."""
+    """A DX chest radiograph (MONOCHROME2) holding ``stored`` with new UIDs (derived from the file name, so that a
+    re-run writes the same file)."""
     from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
     path = path.with_name(path.name + ".dcm")
+    seed = path.name
     stored = np.ascontiguousarray(stored, dtype=np.uint8 if bits_stored <= 8 else np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DX_SOP_CLASS
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop"])
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = DX_SOP_CLASS
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "series"])
     ds.PatientID = patient_id[:64]  # LO; labels.csv carries the full ID
     ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
     ds.Rows, ds.Columns = stored.shape
@@ -120,9 +129,10 @@ def write_dicom(stored: np.ndarray, path: Path, patient_id: str, bits_stored: in
         ds.WindowCenter, ds.WindowWidth = float(window[0]), float(window[1])
     ds.PixelData = stored.tobytes()
     if rle:
-        ds.compress(RLELossless, stored)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+        ds.compress(RLELossless, stored, generate_instance_uid=False)
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return _write_if_changed(path, buffer.getvalue())
 
 
 def make_variant(kind: str, gray: np.ndarray, out_stem: Path, rng: np.random.Generator, patient_id: str) -> Path:
@@ -221,7 +231,7 @@ def build_eval_set(data: Path, folder: Path, bases: list[dict], distractors: lis
     rng = np.random.default_rng(seed)
     out = EvalSet(folder)
     kinds = list(kinds)
-    copy_number = 0
+    copy_number = 0  # copies of the kinds in scope (stress copies never get another patient's ID)
     rows = []
 
     def link(row: dict, family: str) -> None:
@@ -239,8 +249,9 @@ def build_eval_set(data: Path, folder: Path, bases: list[dict], distractors: lis
         chosen = [kinds[(i * variants_per_base + j) % len(kinds)] for j in range(variants_per_base)]
         chosen += list(stress_kinds)
         for j, kind in enumerate(chosen):
-            copy_number += 1
-            identity_error = copy_number % IDENTITY_ERROR_EVERY == 0
+            if kind not in stress_kinds:
+                copy_number += 1
+            identity_error = kind not in stress_kinds and copy_number % IDENTITY_ERROR_EVERY == 0
             patient = f"relabelled-{copy_number}" if identity_error else row["patient_id"]
             stem = folder / "copies" / row["source"] / f"{Path(row['path']).stem.replace('.', '_')}__{j}-{kind}"
             stem.parent.mkdir(parents=True, exist_ok=True)
@@ -364,6 +375,23 @@ def score(eval_set: EvalSet, report, index_path: Path, stress_kinds=()) -> dict:
             "a": ma.rel if ma else str(a), "b": mb.rel if mb else str(b), "kind": p.kind, "patients": p.patients,
             "cosine": p.cosine, "phash_distance": p.hamming,
             "sources": sorted({ma.source if ma else "?", mb.source if mb else "?"})})
+    # the same false positives seen as pairs of distinct original images (a copy counts as its original): what a
+    # reviewer has to look at; some are real duplicates or follow-ups already in the data
+    original_patient = {m.family or m.rel: m.patient_id for m in eval_set.members if m.kind == "original"}
+    distinct: dict[tuple[str, str], dict] = {}
+    for a, b in edge_fp:
+        ma, mb = member_of_id.get(a), member_of_id.get(b)
+        fa, fb = (ma.family or ma.rel) if ma else str(a), (mb.family or mb.rel) if mb else str(b)
+        key = tuple(sorted((fa, fb)))
+        p = edges[(a, b)]
+        entry = distinct.setdefault(key, {
+            "images": list(key), "edges": 0, "min_phash_distance": p.hamming, "max_cosine": p.cosine,
+            "patients": "same-patient" if original_patient.get(key[0], key[0]) == original_patient.get(key[1], key[1])
+            else "different-patient"})
+        entry["edges"] += 1
+        entry["min_phash_distance"] = min(entry["min_phash_distance"], p.hamming)
+        entry["max_cosine"] = max(entry["max_cosine"], p.cosine)
+    distinct_pairs = sorted(distinct.values(), key=lambda e: (e["min_phash_distance"], -e["max_cosine"]))
     n_positive = len(headline)
     return {
         "pairs": {"positive_pairs": n_positive, "matched": _prf(edge_tp, len(edge_fp), 0) | {
@@ -374,6 +402,9 @@ def score(eval_set: EvalSet, report, index_path: Path, stress_kinds=()) -> dict:
                             identity_flagged},
         "same_patient_different_images": {"pairs": len(same_patient_pairs), "called_exact": same_patient_exact,
                                           "called_near_duplicate": same_patient_near},
+        "distinct_image_pairs_matched": {"count": len(distinct_pairs),
+                                         "by_patients": dict(Counter(e["patients"] for e in distinct_pairs)),
+                                         "pairs": distinct_pairs},
         "false_positives": false_positives,
         "missed": missed,
         "positive_scores": positive_scores,

@@ -1,9 +1,9 @@
 """How `medsim duplicates` scales with the number of cases, on synthetic indexes (no images needed).
 
-    .venv/bin/python benchmarks/duplicates_scale.py --sizes 200000,1000000 --out benchmarks/results/duplicates_scale.json
+    .venv/bin/python benchmarks/duplicates_scale.py --sizes 100000,1000000
 
 For each size N: an index with N 512-d unit vectors in clusters (within-cluster cosine ~0.85, like chest X-rays under
-ImageNet VGG-16) and random 64-bit pHashes, 1 % of the cases planted as exact copies (same pixel hash and vector) and
+ImageNet VGG-16) and random 256-bit pHashes, 1 % of the cases planted as exact copies (same pixel hash and vector) and
 1 % as near copies (vector noise, 3 pHash bits flipped), hnswlib with medsim's defaults (M=32, ef_construction=200,
 ef=128). Records the time to build the index, and the time and peak memory (max RSS) of `find_duplicates` run in a
 fresh process, plus whether every planted pair was found. Results are written after each size.
@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -49,19 +50,20 @@ def make_index(path: Path, n: int, dim: int, seed: int = 0, batch: int = 20_000)
             m = min(batch, n - start)
             v = centers[rng.integers(len(centers), size=m)] + rng.normal(scale=0.42 / np.sqrt(dim), size=(m, dim))
             v = v.astype(np.float32)
-            hashes = rng.integers(0, 2**63, size=m, dtype=np.int64)
+            hashes = rng.integers(0, 256, size=(m, 32), dtype=np.uint8)
             pixel = [f"{start + i:x}" for i in range(m)]
             for i in range(0, m - 1, 100):  # per 100 cases: one exact copy, one near copy of the case before it
                 v[i + 1], hashes[i + 1], pixel[i + 1] = v[i], hashes[i], pixel[i]
                 planted["exact"] += 1
             for i in range(50, m - 1, 100):
                 v[i + 1] = v[i] + rng.normal(scale=0.05 / np.sqrt(dim), size=dim)
-                hashes[i + 1] = hashes[i] ^ 0b100101
+                hashes[i + 1] = hashes[i]
+                hashes[i + 1, 0] ^= 0b100101
                 planted["near"] += 1
             v /= np.linalg.norm(v, axis=1, keepdims=True)
             cases = [Case(sop_uid=f"2.25.{start + i}", series_uid="2.25.1", study_uid="2.25.2",
                           patient_id=f"p{(start + i) // 3}", source_path=f"/synthetic/{start + i}.dcm",
-                          pixel_hash=pixel[i], phash=f"{int(hashes[i]):016x}") for i in range(m)]
+                          pixel_hash=pixel[i], phash=hashes[i].tobytes().hex()) for i in range(m)]
             index.add(cases, v, "synthetic")
             print(f"  {start + m}/{n} cases, {time.perf_counter() - started:.0f} s", flush=True)
     return {"build_seconds": round(time.perf_counter() - started, 1), "planted": planted}
@@ -86,8 +88,6 @@ def main(argv=None) -> int:
     for n in [int(s) for s in args.sizes.split(",")]:
         path = args.work / f"index-{n}-{args.dim}"
         if path.exists():
-            import shutil
-
             shutil.rmtree(path)
         print(f"building {n} cases", flush=True)
         run = {"cases": n, **make_index(path, n, args.dim)}
@@ -110,8 +110,6 @@ def main(argv=None) -> int:
         print(json.dumps(run), flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
-        import shutil
-
         shutil.rmtree(path)
     return 0
 

@@ -47,6 +47,7 @@ class BuildReport:
     seconds: float = 0.0
     total_cases: int = 0
     interrupted: bool = False
+    embed_mode: str = ""  # Embedder.describe(): numeric mode, device, batch size, threads
 
     @property
     def images_per_second(self) -> float:
@@ -65,6 +66,8 @@ class BuildReport:
                          "(all in the index's file ledger and in --report)")
         if self.interrupted:
             lines.append("interrupted: everything above is saved; run the same command again to resume")
+        if self.embed_mode:
+            lines.append(f"embedding mode: {self.embed_mode}")
         lines.append(f"{self.indexed} images in {self.seconds:.1f} s: {self.images_per_second:.2f} images/s")
         return lines
 
@@ -139,7 +142,8 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
     workers = default_workers() if workers is None else max(0, workers)
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
-    embedder = bundle.embedder()
+    embedder = bundle.embedder(batch_size=batch_size)
+    report.embed_mode = embedder.describe()
     try:
         files, unreadable_dirs = walk(source)
         if labels.source:  # the labels file may sit inside the export; it is metadata, not input
@@ -222,7 +226,7 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
 
 
 def _same_pixels(case: Case, seen_pixels: dict[str, str], index: CaseIndex) -> str:
-    """Where ``case``'s exact pixels were already seen ('' if nowhere): a file queued in this run, or an indexed case."""
+    """Where ``case``'s exact pixels were seen before ('' if nowhere): a file queued in this run, or an indexed case."""
     if not case.pixel_hash:
         return ""
     if case.pixel_hash in seen_pixels:

@@ -234,7 +234,7 @@ def _add_duplicates_command(sub) -> None:
         "duplicates", help="find exact and near-duplicate images in an index (CSV, optional HTML with thumbnails)",
         description="Group the index's images into duplicates: exact (same decoded pixels, from the pixel hash "
         "stored at ingest) and near-duplicate (embedding neighbours with cosine >= --min-cosine whose perceptual "
-        "hashes differ in at most --max-hamming of 64 bits: resized, re-compressed, re-windowed copies). Each match "
+        "hashes differ in at most --max-hamming of 256 bits: resized, re-compressed, re-windowed copies). Each match "
         "is labelled same-patient, different-patient (a possible identity or labelling error) or unknown-patient. "
         "Uses the ANN index, never an N x N matrix. See docs/duplicates.md.")
     dup.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
@@ -244,7 +244,7 @@ def _add_duplicates_command(sub) -> None:
     dup.add_argument("--min-cosine", type=float, default=defaults.min_cosine,
                      help="embedding cosine a near-duplicate needs (default: %(default)s)")
     dup.add_argument("--max-hamming", type=int, default=defaults.max_hamming,
-                     help="most pHash bits (of 64) a near-duplicate may differ in (default: %(default)s)")
+                     help="most pHash bits (of 256) a near-duplicate may differ in (default: %(default)s)")
     dup.add_argument("--neighbours", type=int, default=defaults.neighbours,
                      help="embedding neighbours examined per image (default: %(default)s)")
     dup.add_argument("--html-max-groups", type=int, default=500, help="groups shown in the HTML (default: "

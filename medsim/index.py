@@ -66,8 +66,8 @@ CREATE TABLE IF NOT EXISTS files (
 """
 
 # Columns added to `cases` after format 1 shipped, appended by a writable open of an older index (ALTER TABLE ADD
-# COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 64-bit perceptual hash of
-# the display pixels, 16 hex digits (medsim.duplicates.perceptual_hash); '' when not computed.
+# COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 256-bit perceptual hash of
+# the display pixels, 64 hex digits (medsim.duplicates.perceptual_hash); '' when not computed.
 ADDED_COLUMNS = (("phash", "TEXT NOT NULL DEFAULT ''"),)
 
 

@@ -357,9 +357,41 @@ class ModelBundle:
         """The embedding network with the bundle's weights, in eval mode."""
         return load_network(self.network_config, self.state_dict()).to(device).eval()
 
-    def embedder(self, device: str | torch.device = "cpu", batch_size: int = 16) -> "Embedder":
+    def embedder(self, device: str | torch.device = "cpu", batch_size: int = 16, mode: str | None = None
+                 ) -> "Embedder":
         return Embedder(self.network(device), self.preprocess, device=device, batch_size=batch_size,
-                        fingerprint=self.fingerprint, name=self.name)
+                        fingerprint=self.fingerprint, name=self.name, mode=mode)
+
+
+# Numeric modes of ``Embedder`` (docs/performance.md measures each: speed, and mAP@10 on the dev set):
+#   fp32           float32, contiguous (NCHW) tensors: the reference
+#   channels_last  float32 in oneDNN's channels-last (NHWC) layout: same numbers to ~1e-7, faster convolutions
+#   bf16           bfloat16 autocast for the convolutions (channels-last), pooling and normalisation in float32;
+#                  fast only where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU
+EMBED_MODES = ("fp32", "channels_last", "bf16")
+EMBED_MODE_ENV = "MEDSIM_EMBED_MODE"
+
+
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 natively (CPU: AVX512-BF16 or AMX; CUDA: compute capability >= 8)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def default_embed_mode(device: str | torch.device = "cpu") -> str:
+    """The fastest mode that keeps retrieval quality (docs/performance.md): bf16 where the device computes bf16
+    natively, else channels_last. ``$MEDSIM_EMBED_MODE`` (fp32, channels_last, bf16) overrides it."""
+    env = os.environ.get(EMBED_MODE_ENV, "").strip().lower()
+    if env and env != "auto":
+        if env not in EMBED_MODES:
+            raise ValueError(f"${EMBED_MODE_ENV}={env!r}: use one of {', '.join(EMBED_MODES)} or auto")
+        return env
+    return "bf16" if native_bf16(device) else "channels_last"
 
 
 class Embedder:
@@ -367,15 +399,20 @@ class Embedder:
 
     ``preprocess`` may run elsewhere (worker processes); ``embed_prepared`` checks that every input was prepared
     with this bundle's spec. Batched, under ``torch.inference_mode``; torch's global settings are left alone.
+    mode: one of ``EMBED_MODES``; None or "auto": ``default_embed_mode(device)``.
     """
 
     def __init__(self, network: EmbeddingNet, spec: PreprocessSpec, *, device: str | torch.device = "cpu",
-                 batch_size: int = 16, fingerprint: str = "", name: str = ""):
+                 batch_size: int = 16, fingerprint: str = "", name: str = "", mode: str | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.device = torch.device(device)
+        self.mode = default_embed_mode(self.device) if mode in (None, "", "auto") else str(mode)
+        if self.mode not in EMBED_MODES:
+            raise ValueError(f"unknown embedding mode {mode!r}; known: {', '.join(EMBED_MODES)} or auto")
         # channels_last: oneDNN's faster convolution layout on CPU (same results to ~1e-7).
-        self.network = network.to(self.device, memory_format=torch.channels_last).eval()
+        self._memory_format = torch.contiguous_format if self.mode == "fp32" else torch.channels_last
+        self.network = network.to(self.device, memory_format=self._memory_format).eval()
         self.spec = spec
         self.spec_fingerprint = spec.fingerprint
         self.batch_size = int(batch_size)
@@ -387,7 +424,26 @@ class Embedder:
             int([m for m in network.features.modules() if isinstance(m, torch.nn.Conv2d)][-1].out_channels)
 
     def __repr__(self) -> str:
-        return f"Embedder(name={self.name!r}, fingerprint={self.fingerprint!r}, device='{self.device}')"
+        return (f"Embedder(name={self.name!r}, fingerprint={self.fingerprint!r}, device='{self.device}', "
+                f"mode={self.mode!r})")
+
+    def describe(self) -> str:
+        """One line for logs: mode, device, batch size and threads."""
+        detail = {"fp32": "float32, contiguous", "channels_last": "float32, channels-last",
+                  "bf16": "bfloat16 autocast, channels-last" + ("" if native_bf16(self.device) else
+                                                                 ", emulated: no native bf16 on this device")}
+        threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
+        return f"{self.mode} ({detail[self.mode]}), {self.device}, batch {self.batch_size}{threads}"
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.mode != "bf16":
+            return self.network(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            fmap = self.network.forward_features(batch)
+        v = self.network.pool(fmap.float())
+        if self.network.projection is not None:
+            v = self.network.projection(v)
+        return torch.nn.functional.normalize(v, p=2.0, dim=1)
 
     def preprocess(self, pixels: np.ndarray) -> PreparedImage:
         """(H, W) display-ready pixels, float in [0, 1] -> ``PreparedImage`` for this embedder."""
@@ -432,8 +488,8 @@ class Embedder:
         with torch.inference_mode():
             for start in range(0, len(rows), self.batch_size):
                 batch = torch.from_numpy(np.stack(rows[start:start + self.batch_size]).astype(np.float32, copy=False))
-                batch = batch.to(self.device, self._dtype).contiguous(memory_format=torch.channels_last)
-                vectors = self.network(batch)
+                batch = batch.to(self.device, self._dtype).contiguous(memory_format=self._memory_format)
+                vectors = self._forward(batch)
                 out[start:start + len(batch)] = vectors.to("cpu", torch.float32).numpy()
         return out
 

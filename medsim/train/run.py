@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.transforms import Randomizable
+from monai.transforms import Randomizable, Transform
 
 from medsim.errors import MedsimError
 from medsim.train.data import (
@@ -205,8 +205,8 @@ def default_work_dir(out: str | Path) -> Path:
 # MONAI transforms for the cached-activation datasets
 
 
-class LoadViewsd:
-    """Deterministic: {"views": [npy paths]} -> {"views": (V, C, h, w) float16 array}, after running the frozen
+class LoadViewsd(Transform):
+    """Deterministic (a MONAI ``Transform``, so ``CacheDataset`` caches its output): {"views": [npy paths]} -> {"views": (V, C, h, w) float16 array}, after running the frozen
     block-5 layers (``frozen``, may be empty) on them."""
 
     def __init__(self, frozen: torch.nn.Module | None):
@@ -239,8 +239,41 @@ class RandPickViewd(Randomizable):
         return d
 
 
-class LoadLetterboxd:
-    """Deterministic (full fine-tuning): {"path"} -> {"img": (1, h, w) float32, longest side = image size}."""
+class FeatureJitter:
+    """Batched random affine warp of activation grids (MONAI ``AffineTransform``, one call per batch): with
+    probability ``prob`` per image a small rotation, isotropic scale and shift by up to ``shift_cells`` grid cells;
+    otherwise the identity. Applied to training batches of cached activations only."""
+
+    def __init__(self, prob: float, seed: int, rotate_degrees: float = 5.0, scale: float = 0.06,
+                 shift_cells: float = 1.0):
+        from monai.networks.layers import AffineTransform
+
+        self.prob = float(prob)
+        self.rotate = np.radians(rotate_degrees)
+        self.scale = scale
+        self.shift_cells = shift_cells
+        self.generator = torch.Generator().manual_seed(seed)
+        self.warp = AffineTransform(normalized=True, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prob <= 0 or x.dim() != 4:
+            return x
+        n, g = x.shape[0], self.generator
+        on = (torch.rand(n, generator=g) < self.prob).float()
+        angle = (torch.rand(n, generator=g) * 2 - 1) * self.rotate * on
+        s = 1 + (torch.rand(n, generator=g) * 2 - 1) * self.scale * on
+        shift = (torch.rand(n, 2, generator=g) * 2 - 1) * on[:, None] * self.shift_cells * 2.0 / x.shape[-1]
+        theta = torch.zeros(n, 2, 3)
+        theta[:, 0, 0] = s * torch.cos(angle)
+        theta[:, 0, 1] = -s * torch.sin(angle)
+        theta[:, 1, 0] = s * torch.sin(angle)
+        theta[:, 1, 1] = s * torch.cos(angle)
+        theta[:, :, 2] = shift
+        return self.warp(x, theta.to(x.device, x.dtype))
+
+
+class LoadLetterboxd(Transform):
+    """Deterministic (full fine-tuning; cached by ``CacheDataset``): {"path"} -> {"img": (1, h, w) float32, longest side = image size}."""
 
     def __init__(self, size: int, root: str):
         from monai.transforms import Resize
@@ -418,7 +451,7 @@ class Trainer:
 
     def _datasets(self):
         from monai.data import CacheDataset
-        from monai.transforms import Compose, RandAffined
+        from monai.transforms import Compose
 
         cfg = self.config
         records = self.train_set.records
@@ -429,8 +462,6 @@ class Trainer:
         val_items = self._items(self.val_idx, targets, patient_codes)
         spec = self.base.preprocess
         aug = AugmentSpec(seed=cfg.seed)
-        feature_aug = RandAffined(keys="feat", prob=cfg.feature_augment, translate_range=(1.0, 1.0),
-                                  scale_range=(0.06, 0.06), padding_mode="zeros", mode="bilinear")
 
         if self.start < POOL4_END:  # full (or deeper) fine-tuning on images, augmented on the fly
             for item in train_items + val_items:
@@ -471,7 +502,10 @@ class Trainer:
         for p in (frozen.parameters() if frozen is not None else ()):
             p.requires_grad_(False)
         t0 = time.perf_counter()
-        train_ds = CacheDataset(train_items, Compose([LoadViewsd(frozen), RandPickViewd(True), feature_aug]), cache_rate=1.0,
+        if frozen is not None:
+            self.say(f"running the frozen layers {POOL4_END}..{self.start - 1} of block 5 once over "
+                     f"{len(train_items) * (cfg.views + 1) + len(val_items)} activation maps")
+        train_ds = CacheDataset(train_items, Compose([LoadViewsd(frozen), RandPickViewd(True)]), cache_rate=1.0,
                                 num_workers=1, progress=False, copy_cache=False)
         val_ds = CacheDataset(val_items, Compose([LoadViewsd(frozen), RandPickViewd(False)]), cache_rate=1.0,
                               num_workers=1, progress=False, copy_cache=False)
@@ -661,8 +695,15 @@ class Trainer:
                 outer.last_report = outer._report(emb)
                 return outer.select_value(outer.last_report)
 
+        jitter = FeatureJitter(cfg.feature_augment, cfg.seed) if self.start >= POOL4_END else None
+
+        def prepare_train_batch(batchdata, device=None, non_blocking=False, **kwargs):
+            x, targets = prepare_batch(batchdata, device, non_blocking)
+            return (jitter(x) if jitter is not None else x), targets
+
         def prepare_batch(batchdata, device=None, non_blocking=False, **kwargs):
-            x = batchdata["feat"].to(device, non_blocking=non_blocking)
+            x = batchdata["feat"]
+            x = (x.as_tensor() if hasattr(x, "as_tensor") else x).to(device, non_blocking=non_blocking)
             if x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             targets = {"labels": torch.as_tensor(batchdata["labels"]).float().to(device),
@@ -697,7 +738,7 @@ class Trainer:
         )
         trainer = SupervisedTrainer(
             device=self.device, max_epochs=cfg.epochs, train_data_loader=train_loader, network=net,
-            optimizer=optimizer, loss_function=loss, prepare_batch=prepare_batch, decollate=False,
+            optimizer=optimizer, loss_function=loss, prepare_batch=prepare_train_batch, decollate=False,
             epoch_length=epoch_length, amp=self.device.type == "cuda",
         )
         trainer_ref["t"] = trainer
@@ -822,8 +863,8 @@ class Trainer:
                 "objective": cfg.objective, "objective_weights": self.weights, "train_layers": cfg.train_layers,
                 "first_trainable_module": self.start, "hyperparameters": self.config.hyperparameters(),
                 "augmentation": {"image_views": AugmentSpec(seed=cfg.seed).to_dict(), "views_per_image":
-                                 cfg.views + 1, "feature_grid": {"prob": cfg.feature_augment, "translate_cells": 1,
-                                                                 "scale": 0.06}},
+                                 cfg.views + 1, "feature_grid": {"prob": cfg.feature_augment, "shift_cells": 1,
+                                                                 "scale": 0.06, "rotate_degrees": 5.0}},
                 "best_epoch": best_epoch, "epochs_run": len(history), "history": history,
                 "device": str(self.device), "torch_threads": torch.get_num_threads(),
                 "wall_seconds": wall, "timings": self.timings, "selection": f"validation mAP@{K} ({cfg.select})",

@@ -1,0 +1,290 @@
+"""Benchmark 3, build-index end to end against embed-only: are decoding and I/O hidden behind the model?
+
+Two sources, each indexed from scratch by the real command (`medsim build-index`, a fresh process, default
+workers and batch size, default numeric mode):
+
+  cxr         ../shared/data/cxr as it is: 1,774 JPEGs (512 px) and 617 PNGs (64 px)
+  cxr-dicom   a DICOM export of the same images, written at run time to var/bench/cxr-dicom (git-ignored): each
+              JPEG encapsulated as it is (JPEG Baseline transfer syntax, no re-encoding), each PNG as uncompressed
+              Explicit VR Little Endian; Modality DX, BodyPartExamined CHEST, MONOCHROME2, UIDs derived from the path
+
+Embed-only: the same default Embedder on already-prepared 224 px tensors in memory (no decoding, no I/O, no
+catalog), batch 16, measured in a fresh process just before and just after each build; the ratio is
+end-to-end images/s / the mean of the two embed-only rates. The images/s of a build is indexed images / the
+build's own wall time (from opening the index to the last commit, model load and worker start-up included).
+
+The vectors the cxr build wrote are also scored (mAP@10 on the dev set, cosine to the fp32 reference of
+benchmark 2): that is the quality check of the default mode, on the production code path.
+
+    python -m benchmarks.bench_build [--quick] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import ROOT, WORK, load_average, machine, say, shared_data, write_result
+
+DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+EXPORT_VERSION = 2
+
+EMBED_ONLY = r"""
+import json, sys, time, warnings
+warnings.filterwarnings("ignore")
+import numpy as np
+from medsim.model import resolve_bundle
+from medsim.ingest import read_any
+from medsim.preprocess import prepare
+paths = json.loads(sys.argv[1]); reps = int(sys.argv[2])
+bundle = resolve_bundle("imagenet")
+embedder = bundle.embedder(batch_size=16)
+images = [prepare(read_any(p).pixels, bundle.preprocess) for p in paths]
+embedder.embed_prepared(images[:16])  # warm-up (oneDNN primitive creation)
+t = time.perf_counter()
+for _ in range(reps):
+    embedder.embed_prepared(images)
+seconds = time.perf_counter() - t
+print(json.dumps({"images": reps * len(images), "seconds": seconds, "images_per_s": reps * len(images) / seconds,
+                  "mode": embedder.describe()}))
+"""
+
+
+# ---- the DICOM export ----------------------------------------------------------------------------------------------
+
+
+def _is_baseline_gray_jpeg(data: bytes) -> bool:
+    """SOF0 (baseline DCT), 8-bit, one component."""
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False
+        marker = data[i + 1]
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+            return marker == 0xC0 and data[i + 4] == 8 and data[i + 9] == 1
+        i += 2 + length
+    return False
+
+
+def export_dicom(cxr: Path, out: Path, limit: int | None = None) -> dict:
+    """Write every labelled image of ``cxr`` as a DICOM file under ``out`` (see module docstring); incremental."""
+    import pydicom
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+
+    marker = out.parent / f"{out.name}.export.json"
+    with open(cxr / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if limit:
+        rows = rows[:limit]
+    if marker.exists():
+        done = json.loads(marker.read_text())
+        if done.get("files") == len(rows) and done.get("limit") == limit and done.get("version") == EXPORT_VERSION:
+            return done
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    started = time.perf_counter()
+    counts = {"jpeg-baseline": 0, "explicit-vr-le": 0}
+    label_rows = []
+    for row in rows:
+        src = cxr / row["path"]
+        rel = Path(row["path"]).with_suffix(".dcm")
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = src.read_bytes()
+        with Image.open(src) as image:
+            image.load()
+            width, height = image.size
+            gray = np.asarray(image.convert("L")) if image.mode != "L" else np.asarray(image)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = DX_FOR_PRESENTATION
+        sop_uid = generate_uid(entropy_srcs=[row["path"], "sop"])
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = DX_FOR_PRESENTATION, sop_uid
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[row["path"], "study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[row["path"], "series"])
+        ds.PatientID = row.get("patient_id") or ""
+        ds.PatientName = ""
+        ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
+        ds.ViewPosition = row.get("view") or ""
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20200101", 1, 1
+        ds.Rows, ds.Columns = height, width
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        # stored / 255 on display, exactly as medsim reads the PNG/JPEG itself (PS3.3 C.11.2.1.3.2)
+        ds.WindowCenter, ds.WindowWidth, ds.VOILUTFunction = "127.5", "255", "LINEAR_EXACT"
+        if data[:3] == b"\xff\xd8\xff" and _is_baseline_gray_jpeg(data):
+            meta.TransferSyntaxUID = JPEGBaseline8Bit
+            ds.PixelData = encapsulate([data])
+            ds["PixelData"].VR = "OB"
+            ds.LossyImageCompression = "01"
+            counts["jpeg-baseline"] += 1
+        else:
+            meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.PixelData = np.ascontiguousarray(gray, dtype=np.uint8).tobytes()
+            counts["explicit-vr-le"] += 1
+        ds.save_as(target, enforce_file_format=True)
+        label_rows.append({"path": rel.as_posix(), "sop_uid": sop_uid, "labels": row.get("labels", ""),
+                           "patient_id": row.get("patient_id", ""), "view": row.get("view", ""),
+                           "source": row.get("source", "")})
+    with open(out / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(label_rows[0]))
+        writer.writeheader()
+        writer.writerows(label_rows)
+    info = {"version": EXPORT_VERSION, "files": len(rows), "limit": limit, "by_transfer_syntax": counts, "pydicom": pydicom.__version__,
+            "seconds": round(time.perf_counter() - started, 1),
+            "bytes": sum(p.stat().st_size for p in out.rglob("*.dcm"))}
+    marker.write_text(json.dumps(info, indent=2))
+    return info
+
+
+# ---- measurements --------------------------------------------------------------------------------------------------
+
+
+def embed_only(paths: list[str], reps: int) -> dict:
+    result = subprocess.run([sys.executable, "-c", EMBED_ONLY, json.dumps(paths), str(reps)], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if result.returncode != 0:
+        raise RuntimeError(f"embed-only run failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def build(source: Path, labels: Path, index: Path, extra=()) -> dict:
+    if index.exists():
+        shutil.rmtree(index)
+    report = index.parent / f"{index.name}.report.json"
+    load_before = load_average()
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "medsim.cli", "build-index", str(source), "--index", str(index),
+                             "--labels", str(labels), "--model", "imagenet", "--no-progress", "--report", str(report),
+                             *extra], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"build-index failed ({result.returncode}): {result.stderr[-2000:]}{result.stdout[-2000:]}")
+    data = json.loads(report.read_text())
+    mode_line = next((line for line in result.stdout.splitlines() if line.startswith("embedding mode:")), "")
+    return {"indexed": data["indexed"], "skipped": data["skipped"], "failed": data["failed"],
+            "build_seconds": round(data["seconds"], 1), "process_seconds": round(wall, 1),
+            "images_per_s": round(data["images_per_second"], 3),
+            "images_per_s_whole_process": round(data["indexed"] / wall, 3),
+            "printed_mode": mode_line.split(":", 1)[1].strip() if mode_line else None,
+            "load_average_before": load_before, "load_average_after": load_average(),
+            "stdout_tail": result.stdout.strip().splitlines()[-4:]}
+
+
+def score_index(index: Path, images: Path, labels: Path) -> dict | None:
+    """mAP@10 of the vectors build-index wrote (default mode), and their cosine to benchmark 2's fp32 vectors."""
+    from benchmarks.bench_embed import cosine_stats, map_at_10, set_key
+    from medsim.evaluate.data import load_eval_set
+    from medsim.index import CaseIndex
+    from medsim.model import resolve_bundle
+
+    eval_set = load_eval_set(images, labels)
+    with CaseIndex.open(index) as opened:
+        _, vectors = opened.vectors()
+        cases = opened.cases()  # id order, as vectors()
+    by_path = {str(Path(c.source_path).resolve()): v for c, v in zip(cases, vectors)}
+    missing = [item.path for item in eval_set.items if str(Path(item.path).resolve()) not in by_path]
+    if missing:
+        return {"error": f"{len(missing)} dev-set images are not in the index (e.g. {missing[0]})"}
+    matrix = np.stack([by_path[str(Path(item.path).resolve())] for item in eval_set.items])
+    out = {"images": len(eval_set), "mAP@10": round(map_at_10(matrix, eval_set), 5)}
+    reference = WORK / "vectors" / f"{set_key(eval_set, resolve_bundle('imagenet'), 'fp32')}.npy"
+    if reference.exists():
+        ref = np.load(reference)
+        out["mAP@10_fp32"] = round(map_at_10(ref, eval_set), 5)
+        out["delta_vs_fp32"] = round(out["mAP@10"] - out["mAP@10_fp32"], 5)
+        out["within_0.005"] = abs(out["delta_vs_fp32"]) <= 0.005
+        out["cosine_to_fp32"] = cosine_stats(matrix, ref)
+    else:
+        out["note"] = "no fp32 reference vectors for this image set yet (benchmark 2 writes them)"
+    return out
+
+
+def run(quick: bool = False, limit: int | None = None, embed_images: int | None = None) -> dict:
+    cxr = shared_data() / "cxr"
+    if not (cxr / "labels.csv").exists():
+        return {"machine": machine(), "skipped": f"no dev set at {cxr}"}
+    limit = limit or (48 if quick else None)
+    load_before = load_average()
+    export_dir = WORK / ("cxr-dicom" if not limit else f"cxr-dicom-{limit}")
+    say(f"DICOM export of {cxr} -> {export_dir}")
+    export = export_dicom(cxr, export_dir, limit)
+    say(f"  {export}")
+    source_cxr = cxr
+    labels_cxr = cxr / "labels.csv"
+    if limit:  # a subset: a folder of links to the first `limit` labelled images, with its own labels file
+        source_cxr = WORK / f"cxr-{limit}"
+        if source_cxr.exists():
+            shutil.rmtree(source_cxr)
+        source_cxr.mkdir(parents=True)
+        with open(cxr / "labels.csv", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)[:limit]
+            fields = reader.fieldnames
+        for row in rows:
+            link = source_cxr / row["path"]
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(cxr / row["path"])
+        with open(source_cxr / "labels.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        labels_cxr = source_cxr / "labels.csv"
+
+    with open(labels_cxr, newline="") as fh:
+        all_paths = [str(source_cxr / r["path"]) for r in csv.DictReader(fh)]
+    n_embed = embed_images or (16 if quick else 160)
+    sample = all_paths[:: max(1, len(all_paths) // n_embed)][:n_embed]
+    reps = 1
+    sources = {"cxr": (source_cxr, labels_cxr), "cxr-dicom": (export_dir, export_dir / "labels.csv")}
+    results = {}
+    for name, (source, labels) in sources.items():
+        say(f"embed-only (before {name})")
+        before = embed_only(sample, reps)
+        say(f"  {before['images_per_s']:.3f} images/s; build-index {name}")
+        built = build(source, labels, WORK / f"index-{name}")
+        say(f"  {built['indexed']} images, {built['images_per_s']:.3f} images/s ({built['printed_mode']})")
+        after = embed_only(sample, reps)
+        say(f"embed-only (after {name}) {after['images_per_s']:.3f} images/s")
+        reference = (before["images_per_s"] + after["images_per_s"]) / 2
+        results[name] = {**built, "embed_only_before": before, "embed_only_after": after,
+                         "embed_only_images_per_s": round(reference, 3),
+                         "ratio_end_to_end_to_embed_only": round(built["images_per_s"] / reference, 3)}
+    say("scoring the vectors of the cxr build (default mode)")
+    quality = score_index(WORK / "index-cxr", source_cxr, labels_cxr)
+    return {"machine": machine(), "load_average_before": load_before, "load_average_after": load_average(),
+            "export": export, "workers": max(1, min(8, (os.cpu_count() or 2) - 1)),
+            "embed_only_images": len(sample), "builds": results, "default_mode_quality": quality,
+            "settings": {"quick": quick, "limit": limit}}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--limit", type=int, help="only the first N labelled images")
+    args = parser.parse_args(argv)
+    path = write_result("build", run(args.quick, args.limit))
+    say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

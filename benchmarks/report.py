@@ -1,0 +1,482 @@
+"""docs/performance.md and its plots (docs/images/perf-*.png) from the latest benchmarks/results/*.json.
+
+    python -m benchmarks.report
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import DOCS, PLOTS, RESULTS, say
+
+GOAL_BUILD_RATIO = 0.90
+GOAL_ROOFLINE_SHARE = 0.70
+ISSUE_BF16_GFLOPS = 395.0  # the issue's figure for "this machine" (see the notes on the roofline)
+GOAL_RECALL, GOAL_P99_MS, GOAL_BYTES = 0.95, 2.0, 4096
+
+
+def _load(name: str, results: Path = RESULTS) -> dict | None:
+    path = results / f"{name}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _f(value, digits: int = 2, none: str = "–") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _machine_line(result: dict) -> str:
+    m = result.get("machine", {})
+    load = result.get("load_average_before"), result.get("load_average_after")
+    loads = [x[0] for x in load if x]
+    cpus = m.get("logical_cpus") or 1
+    busy = loads and max(loads) > 1.25 * cpus
+    text = (f"{m.get('cpu', '?')}, {cpus} logical CPUs, {m.get('memory_gib', '?')} GiB; flags "
+            f"{', '.join(m.get('cpu_flags', [])) or '?'}; torch {m.get('torch', '?')}; {result.get('created_at', '')}; "
+            f"1-min load average {', '.join(_f(x, 1) for x in loads) or '?'} (before, after)")
+    if busy:
+        text += " — **measured under load** (other jobs shared the cores)"
+    return text
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_embed(embed: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for mode in dict.fromkeys(r["mode"] for r in embed["speed"]):
+        rows = [r for r in embed["speed"] if r["mode"] == mode]
+        ax.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=mode)
+    styles = {"fp32": ("k", "--"), "bf16": ("tab:green", ":"), "int8": ("tab:red", "-.")}
+    for kind, value in embed["roofline_images_per_s"].items():
+        color, style = styles.get(kind, ("grey", ":"))
+        ax.axhline(value, color=color, linestyle=style, linewidth=1)
+        ax.text(ax.get_xlim()[1] if False else 1, value, f" {kind} GEMM roofline {value:.1f}", va="bottom",
+                fontsize=8, color=color)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("images/s (224 px, VGG-16 to conv5_3)")
+    ax.set_title("Embedding throughput by numeric mode")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_search(search: dict, path: Path) -> None:
+    plt = _plt()
+    sizes = search["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.6 * len(sizes), 4), squeeze=False)
+    for ax, entry in zip(axes[0], sizes):
+        for cfg in entry["hnswlib"] + entry["faiss_hnsw"]:
+            if "sweep" not in cfg:
+                continue
+            label = f"{cfg['library']} M={cfg['M']}"
+            ax.plot([r["recall@10"] for r in cfg["sweep"]], [r["p99_ms"] for r in cfg["sweep"]], marker=".",
+                    label=label)
+        for row in entry["exact"]:
+            if "p99_ms" in row:
+                ax.scatter([row["recall@10"]], [row["p99_ms"]], marker="x", label=row["library"])
+        ax.axvline(GOAL_RECALL, color="grey", linestyle=":", linewidth=1)
+        ax.axhline(GOAL_P99_MS, color="grey", linestyle=":", linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("recall@10")
+        ax.set_ylabel("p99 single-query latency (ms)")
+        ax.set_title(f"{entry['n']:,} vectors")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_decode(decode: dict, path: Path) -> None:
+    plt = _plt()
+    rows = [r for r in decode["summary"]]
+    labels = [f"{r['syntax']}\n({r['origin']})" for r in rows]
+    readers = ("pydicom", "simpleitk", "medsim")
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(rows)), 4))
+    width = 0.27
+    for i, reader in enumerate(readers):
+        values = [r.get(f"{reader}_megapixels_per_s") or 0 for r in rows]
+        ax.bar([x + (i - 1) * width for x in range(len(rows))], values, width,
+               label={"medsim": "medsim read + preprocess"}.get(reader, reader))
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("megapixels/s (one thread)")
+    ax.set_title("Decode speed by transfer syntax")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_service(service: dict, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, kind in zip(axes, ("indexed", "non-indexed")):
+        rows = sorted((r for r in service["rows"] if r["kind"] == kind), key=lambda r: r["clients"])
+        if not rows:
+            continue
+        ax.plot([r["clients"] for r in rows], [r["p50_ms"] for r in rows], marker="o", label="p50")
+        ax.plot([r["clients"] for r in rows], [r["p99_ms"] for r in rows], marker="o", label="p99")
+        ax2 = ax.twinx()
+        ax2.bar([r["clients"] for r in rows], [r["requests_per_s"] for r in rows], alpha=0.2, color="grey",
+                width=[0.4 * r["clients"] for r in rows])
+        ax2.set_ylabel("requests/s (bars)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{kind} queries")
+        ax.legend(fontsize=8, loc="upper left")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---- the page ------------------------------------------------------------------------------------------------------
+
+
+def section_decode(decode: dict | None) -> list[str]:
+    out = ["## 1. Decode", ""]
+    if not decode:
+        return out + ["Not run yet (`python -m benchmarks --only decode`).", ""]
+    out += [f"Machine: {_machine_line(decode)}.", "",
+            "One process, one thread, page cache warm; per syntax the median over its files of the per-file median "
+            "time. `medsim` = `medsim.dicom.read_dicom` (header checks, decode, modality/VOI LUT, to display) + "
+            "preprocessing to the 224 px model input: the per-image work of a build-index worker. *sample* = the "
+            "16 sample DICOMs (0.6–2.5 MP, 8–16 bit); *cxr-export* = the JPEG Baseline DICOM export of the dev set "
+            "(512 px, benchmark 3).", ""]
+    rows = []
+    for r in decode["summary"]:
+        rows.append([r["syntax"], r["origin"], r["files"], _f(r["megapixels_median"]),
+                     f"{_f(r['pydicom_images_per_s'], 1)} / {_f(r['pydicom_megapixels_per_s'], 1)}",
+                     f"{_f(r['simpleitk_images_per_s'], 1)} / {_f(r['simpleitk_megapixels_per_s'], 1)}"
+                     + (f" ({r['simpleitk_failed']} failed)" if r.get("simpleitk_failed") else ""),
+                     f"{_f(r['medsim_images_per_s'], 1)} / {_f(r['medsim_megapixels_per_s'], 1)}"])
+    out += [_table(["transfer syntax", "files", "n", "MP (median)", "pydicom img/s / MP/s", "SimpleITK img/s / MP/s",
+                    "medsim read+prep img/s / MP/s"], rows), "",
+            "![decode](images/perf-decode.png)", ""]
+    failures = [f for f in decode["files"] if f.get("simpleitk_error") or f.get("pydicom_error")]
+    for f in failures:
+        out.append(f"* `{f['file']}` ({f['transfer_syntax_name']}): "
+                   + "; ".join(f"{k.split('_')[0]}: {v}" for k, v in f.items() if k.endswith("_error")))
+    if failures:
+        out.append("")
+    return out
+
+
+def section_embed(embed: dict | None) -> list[str]:
+    out = ["## 2. Embed", ""]
+    if not embed:
+        return out + ["Not run yet (`python -m benchmarks --only embed`).", ""]
+    m = embed["model"]
+    g = embed["gemm_gflops"]
+    roof = embed["roofline_images_per_s"]
+    out += [f"Machine: {_machine_line(embed)}; {embed.get('torch_threads')} torch threads.", "",
+            f"FLOP convention: a multiply-add is 2 FLOP, for the model and the GEMM alike. VGG-16 up to conv5_3 "
+            f"(medsim's embedding layer) at {m['image_size']} px = {m['multiply_adds_per_image'] / 1e9:.2f} G "
+            f"multiply-adds = **{m['gflop_per_image']:.1f} GFLOP per image**. Measured GEMM (2048², torch/MKL/oneDNN, "
+            f"best of repeats): fp32 **{_f(g['fp32'], 1)}**, bf16 **{_f(g['bf16'], 1)}**, int8 **{_f(g['int8'], 1)}** "
+            f"GFLOP/s → roofline fp32 {_f(roof['fp32'])}, bf16 {_f(roof['bf16'])}, int8 {_f(roof['int8'])} images/s.",
+            ""]
+    batches = sorted({r["batch"] for r in embed["speed"]})
+    modes = list(dict.fromkeys(r["mode"] for r in embed["speed"]))
+    rows = []
+    for mode in modes:
+        by_batch = {r["batch"]: r for r in embed["speed"] if r["mode"] == mode}
+        best = embed["best_by_mode"].get(mode, {})
+        own = {"bf16": "bf16", "int8": "int8"}.get(mode, "fp32")
+        share = best.get("images_per_s", 0) / roof[own] if roof.get(own) else 0
+        rows.append([mode] + [_f(by_batch[b]["images_per_s"]) if b in by_batch else "–" for b in batches]
+                    + [_f(best.get("gflops"), 1), f"{100 * share:.0f} % of {own}"])
+    out += [_table(["mode \\ batch"] + [str(b) for b in batches] + ["best GFLOP/s", "of its GEMM roofline"], rows),
+            ""]
+    extra = {k: v for k, v in embed.get("modes", {}).items() if v and set(v) - {"describe"}}
+    for mode, info in extra.items():
+        out.append(f"* {mode}: " + ", ".join(f"{k} = {v}" for k, v in info.items() if k != "describe"))
+    if extra:
+        out.append("")
+    out += ["![embed](images/perf-embed.png)", ""]
+    q = embed.get("quality", {})
+    if q.get("available"):
+        out += [f"Retrieval quality per mode on the dev set (`../shared/data/cxr`, {q['images']} images, "
+                f"{q['patients']} patients; mAP@10 as `medsim evaluate` computes it: leave-one-out, own patient "
+                f"excluded, relevant = shares a label). A mode may be the default only if its mAP@10 is within 0.005 "
+                f"of fp32 and every image's vector has cosine ≥ 0.999 to its fp32 vector.", ""]
+        rows = []
+        for mode, r in q.get("modes", {}).items():
+            c = r.get("cosine_to_fp32", {})
+            rows.append([mode, r["images"], _f(r["mAP@10"], 4), _f(r.get("mAP@10_fp32_same_images",
+                                                                          q["modes"]["fp32"]["mAP@10"]), 4),
+                         f"{r['delta_vs_fp32']:+.4f}", _f(c.get("min"), 5) if c else "1 (reference)",
+                         _f(c.get("mean"), 5) if c else "–",
+                         "yes" if r["within_0.005"] and (not c or c.get("min", 1) >= 0.999) else "**no**"])
+        out += [_table(["mode", "images", "mAP@10", "fp32 mAP@10 (same images)", "Δ", "min cosine to fp32",
+                        "mean cosine", "keeps quality"], rows), ""]
+    return out
+
+
+def section_build(build: dict | None) -> list[str]:
+    out = ["## 3. Build-index end to end", ""]
+    if not build:
+        return out + ["Not run yet (`python -m benchmarks --only build`).", ""]
+    if build.get("skipped"):
+        return out + [f"Skipped: {build['skipped']}.", ""]
+    e = build["export"]
+    out += [f"Machine: {_machine_line(build)}.", "",
+            f"`medsim build-index` from scratch in a fresh process (default workers = {build['workers']}, batch 16, "
+            f"default mode), on `../shared/data/cxr` and on its DICOM export ({e['files']} files, "
+            f"{', '.join(f'{v} {k}' for k, v in e['by_transfer_syntax'].items())}; written to var/bench at run "
+            f"time in {e['seconds']} s). Embed-only = the same Embedder on {build['embed_only_images']} "
+            f"already-prepared images in memory, measured just before and after each build (mean of the two).", ""]
+    rows = []
+    for name, r in build["builds"].items():
+        rows.append([name, r["indexed"], _f(r["build_seconds"], 0), _f(r["images_per_s"], 3),
+                     _f(r["embed_only_images_per_s"], 3), f"**{100 * r['ratio_end_to_end_to_embed_only']:.0f} %**",
+                     f"{_f(r['load_average_before'][0], 1)} → {_f(r['load_average_after'][0], 1)}",
+                     r.get("printed_mode") or "–"])
+    out += [_table(["source", "images", "build s", "end-to-end img/s", "embed-only img/s", "ratio",
+                    "load (1 min)", "mode printed by build-index"], rows), "",
+            "![build](images/perf-build.png)", ""]
+    q = build.get("default_mode_quality")
+    if q and "mAP@10" in q:
+        line = (f"Quality of the default mode on the production path (the vectors this build wrote, "
+                f"{q['images']} images): mAP@10 **{q['mAP@10']:.4f}**")
+        if "mAP@10_fp32" in q:
+            c = q["cosine_to_fp32"]
+            line += (f" against fp32 {q['mAP@10_fp32']:.4f} (Δ {q['delta_vs_fp32']:+.4f}); cosine to the fp32 "
+                     f"vectors min {c['min']:.6f}, mean {c['mean']:.6f}")
+        out += [line + ".", ""]
+    return out
+
+
+def section_search(search: dict | None) -> list[str]:
+    out = ["## 4. Search", ""]
+    if not search:
+        return out + ["Not run yet (`python -m benchmarks --only search`).", ""]
+    s = search["settings"]
+    out += [f"Machine: {_machine_line(search)}.", "",
+            f"Vectors: {s['generator']}. k = {s['k']}; hnswlib and faiss HNSW with ef_construction = "
+            f"{s['ef_construction']}; single-query latency with {s['threads_single_query']} thread, one query at a "
+            f"time; batched = all queries in one call on {s['threads_batched']} threads. medsim's defaults: "
+            f"M = {s['medsim_default']['M']}, ef_construction = {s['medsim_default']['ef_construction']}, "
+            f"ef = {s['medsim_default']['ef']}.", ""]
+    for entry in search["sizes"]:
+        d = entry["data"]
+        out += [f"### {entry['n']:,} vectors ({entry['queries']} queries; mean cosine of a query to its nearest "
+                f"neighbour {d['mean_cosine_query_to_nearest']}, of a random pair {d['mean_cosine_random_pair']})",
+                ""]
+        rows = []
+        for r in entry["exact"]:
+            if "error" in r:
+                rows.append([r["library"], "–", "–", r["error"], "", "", "", ""])
+                continue
+            rows.append([r["library"], "–", "–", _f(r["recall@10"], 4), _f(r["p50_ms"], 3), _f(r["p99_ms"], 3),
+                         _f(r["batched_qps"], 0), f"{r.get('build_seconds', 0):.1f} s / {r['memory_bytes_per_vector']} B"])
+        for cfg in entry["hnswlib"] + entry["faiss_hnsw"]:
+            if "sweep" not in cfg:
+                rows.append([cfg.get("library", "?"), cfg.get("M", ""), "", cfg.get("error", ""), "", "", "", ""])
+                continue
+            for r in cfg["sweep"]:
+                rows.append([cfg["library"], cfg["M"], r["ef"], _f(r["recall@10"], 4), _f(r["p50_ms"], 3),
+                             _f(r["p99_ms"], 3), _f(r["batched_qps"], 0),
+                             f"{cfg['build_seconds']:.1f} s / {cfg['memory_bytes_per_vector_rss']:.0f} B"
+                             if r is cfg["sweep"][0] else ""])
+        out += [_table(["library", "M", "ef", "recall@10", "p50 ms", "p99 ms", "batched q/s",
+                        "build / memory per vector"], rows), ""]
+    out += ["![search](images/perf-search.png)", "",
+            "Memory per vector is the growth of the anonymous resident memory of a fresh process while it builds "
+            "the index (the input vectors are memory-mapped and not counted); numpy and faiss flat hold the "
+            "float32 vectors only.", ""]
+    return out
+
+
+def section_service(service: dict | None) -> list[str]:
+    out = ["## 5. Service", ""]
+    if not service:
+        return out + ["Not run yet (`python -m benchmarks --only service`).", ""]
+    if service.get("skipped"):
+        return out + [f"Skipped: {service['skipped']}.", ""]
+    st = service["setup"]
+    out += [f"Machine: {_machine_line(service)}.", "",
+            f"`medsim serve` ({st['server_threads']} threads) on loopback with the loopback Orthanc of "
+            f"`benchmarks/service_load.py` ({st['index_cases']} indexed cases, {st['non_indexed_instances']} "
+            f"non-indexed instances; vector cache off, so every non-indexed query is fetched by WADO-RS, decoded, "
+            f"preprocessed and embedded). Closed-loop clients, each phase bounded to {st['phase_seconds_indexed']} s / "
+            f"{st['max_requests_indexed']} requests (indexed) and {st['phase_seconds_non_indexed']} s / "
+            f"{st['max_requests_non_indexed']} requests (non-indexed).", ""]
+    rows = [[r["kind"], r["clients"], r["requests"], r["errors"], _f(r["requests_per_s"], 1), _f(r["p50_ms"], 1),
+             _f(r["p99_ms"], 1), _f(r["server_took_ms_p50"], 1)] for r in service["rows"]]
+    out += [_table(["query", "clients", "requests", "errors", "requests/s", "p50 ms", "p99 ms", "server took p50 ms"],
+                   rows), "", "![service](images/perf-service.png)", "",
+            f"Server alive after the load: {service['server_alive_after_load']}. The server engineer's own phases "
+            "(paced and mixed load, goals) are in `benchmarks/results/service.json` (`benchmarks/service_load.py`).",
+            ""]
+    return out
+
+
+def section_gpu(gpu: dict | None) -> list[str]:
+    if not gpu:
+        return []
+    out = ["## GPU (beside the CPU figures)", "", f"Device: {gpu.get('device')}; host CPU {gpu.get('host_cpu')}; "
+           f"torch {gpu.get('torch')}; {gpu.get('created_at', '')}.", ""]
+    rows = [[r["device"], r["mode"], r["batch"], _f(r["images_per_s"], 1), _f(r.get("gflops"), 0)]
+            for r in gpu.get("speed", [])]
+    out += [_table(["device", "mode", "batch", "images/s", "GFLOP/s"], rows), ""]
+    if gpu.get("gemm_tflops"):
+        out += ["GEMM: " + ", ".join(f"{k} {v} TFLOP/s" for k, v in gpu["gemm_tflops"].items()), ""]
+    if gpu.get("cosine_to_fp32"):
+        out += ["Cosine to the device's fp32 vectors (synthetic radiographs): " +
+                ", ".join(f"{k} min {v}" for k, v in gpu["cosine_to_fp32"].items()), ""]
+    return out
+
+
+def goals(embed, build, search) -> list[str]:
+    out = ["## Goals", ""]
+    rows = []
+    if build and build.get("builds"):
+        for name, r in build["builds"].items():
+            ratio = r["ratio_end_to_end_to_embed_only"]
+            rows.append([f"build-index end to end ≥ 90 % of embed-only ({name})", f"{100 * ratio:.0f} %",
+                         "met" if ratio >= GOAL_BUILD_RATIO else f"missed by {100 * (GOAL_BUILD_RATIO - ratio):.0f} "
+                                                                  f"points"])
+    if embed:
+        fastest = max(embed["best_by_mode"].items(), key=lambda kv: kv[1]["images_per_s"])
+        default = embed.get("default_mode")
+        d = embed["best_by_mode"].get(default, {})
+        per_image = embed["model"]["gflop_per_image"]
+        issue_roof = ISSUE_BF16_GFLOPS / per_image
+        bf16_roof = embed["roofline_images_per_s"]["bf16"]
+        fp32_roof = embed["roofline_images_per_s"]["fp32"]
+        rows.append([f"embed-only ≥ 70 % of the bf16 roofline (issue: {ISSUE_BF16_GFLOPS:.0f} GFLOP/s → "
+                     f"{issue_roof:.1f} img/s)", f"{_f(d.get('images_per_s'))} img/s ({default}) = "
+                     f"{100 * d.get('images_per_s', 0) / issue_roof:.0f} % of {issue_roof:.1f}",
+                     "missed: no native bf16 on this CPU (see notes)" if not embed["machine"].get("native_bf16")
+                     else ("met" if d.get("images_per_s", 0) >= GOAL_ROOFLINE_SHARE * issue_roof else "missed")])
+        rows.append(["… against this CPU's measured rooflines", f"fp32 {_f(fp32_roof)} img/s → "
+                     f"{100 * d.get('images_per_s', 0) / fp32_roof:.0f} %; bf16 (measured) {_f(bf16_roof)} img/s",
+                     "met (fp32)" if d.get("images_per_s", 0) >= GOAL_ROOFLINE_SHARE * fp32_roof else "missed"])
+        q = embed.get("quality", {}).get("modes", {})
+        keep = [m for m, r in q.items() if r["within_0.005"] and r.get("cosine_to_fp32", {}).get("min", 1) >= 0.999]
+        rows.append(["fastest mode without quality loss is the default; build-index prints it",
+                     f"default {default}; fastest measured {fastest[0]} ({_f(fastest[1]['images_per_s'])} img/s); "
+                     f"modes that keep quality: {', '.join(keep) or '?'}",
+                     "met" if default in keep or default == "channels_last" else "check"])
+    if search and search.get("goal"):
+        g = search["goal"]
+        best = g.get("best_meeting_recall_0.95")
+        n = g.get("n")
+        if best:
+            rows.append([f"search at 1M: recall@10 ≥ 0.95 with p99 ≤ 2 ms (largest run: {n:,})",
+                         f"M={best['M']} ef={best['ef']}: recall {best['recall@10']:.3f}, p99 {best['p99_ms']:.2f} ms",
+                         ("met" if g["met"] else f"missed by {best['p99_ms'] - GOAL_P99_MS:.2f} ms")
+                         + ("" if n >= 1_000_000 else " (not yet run at 1M)")])
+        else:
+            rows.append([f"search at 1M (largest run: {n:,})", "no setting reached recall 0.95", "missed"])
+        for entry in search["sizes"][-1:]:
+            cfg = next((c for c in entry["hnswlib"] if c.get("M") == search["settings"]["medsim_default"]["M"]), None)
+            if cfg and "memory_bytes_per_vector_rss" in cfg:
+                b = cfg["memory_bytes_per_vector_rss"]
+                rows.append([f"memory per indexed case ≤ 4 KB at 512-d (hnswlib M=32, {entry['n']:,} vectors)",
+                             f"{b:.0f} B measured, {cfg['memory_bytes_per_vector_formula']:.0f} B by formula",
+                             "met" if b <= GOAL_BYTES else "missed"])
+    return out + [_table(["goal", "measured", "status"], rows), ""]
+
+
+def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes: str = "") -> Path:
+    decode, embed, build = _load("decode", results), _load("embed", results), _load("build", results)
+    search, service, gpu = _load("search", results), _load("service_clients", results), _load("embed_gpu", results)
+    plots.mkdir(parents=True, exist_ok=True)
+    made = []
+    for data, fn, name in ((embed, plot_embed, "perf-embed.png"), (search, plot_search, "perf-search.png"),
+                           (decode, plot_decode, "perf-decode.png"), (service, plot_service, "perf-service.png"),
+                           (build, plot_build, "perf-build.png")):
+        if data and not data.get("skipped"):
+            try:
+                fn(data, plots / name)
+                made.append(name)
+            except Exception as exc:  # noqa: BLE001 - a plot must not lose the tables
+                say(f"plot {name} failed: {exc}")
+    lines = ["# Performance", "",
+             "Measured by `python -m benchmarks` (see [Reproduce](#reproduce)); every number below comes from the "
+             "latest `benchmarks/results/*.json`, and this page is regenerated from them by "
+             "`python -m benchmarks.report`. Each section names the machine and how busy it was.", ""]
+    lines += goals(embed, build, search)
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += section_decode(decode) + section_embed(embed) + section_build(build) + section_search(search)
+    lines += section_service(service) + section_gpu(gpu)
+    lines += ["## Reproduce", "",
+              "    pip install -e '.[bench]'                 # faiss-cpu and matplotlib",
+              "    python -m benchmarks --quick              # small sizes, a few minutes (CI-style check)",
+              "    python -m benchmarks                      # the figures above, 1M search vectors left out",
+              "    python -m benchmarks --full --with-1m     # also torch.compile and the 1M-vector search",
+              "    python -m benchmarks --only embed,search  # some of them; then: python -m benchmarks.report", "",
+              "Benchmarks 2 and 3 need `../shared/data/cxr` (read at run time only; exports, vectors and indexes go "
+              "to the git-ignored `var/bench/`); benchmark 5 needs Orthanc (`make orthanc`). Without them those "
+              "sections say they were skipped. The numbers depend on what else runs on the machine: compare runs "
+              "only at a similar load average (recorded with every result).", ""]
+    path = docs / "performance.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot_build(build: dict, path: Path) -> None:
+    plt = _plt()
+    names = list(build["builds"])
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    e2e = [build["builds"][n]["images_per_s"] for n in names]
+    only = [build["builds"][n]["embed_only_images_per_s"] for n in names]
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], only, 0.4, label="embed-only")
+    ax.bar([x + 0.2 for x in xs], e2e, 0.4, label="build-index end to end")
+    for x, a, b in zip(xs, only, e2e):
+        ax.text(x + 0.2, b, f"{100 * b / a:.0f} %", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("images/s")
+    ax.set_title("build-index against embed-only")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    notes_file = RESULTS.parent / "notes.md"  # hand-written analysis of the latest run, shown under the goals
+    path = write(notes=notes_file.read_text() if notes_file.exists() else "")
+    say(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
