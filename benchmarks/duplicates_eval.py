@@ -50,8 +50,8 @@ VARIANT_KINDS = {
     "combo": NEAR,  # resize 60 % + gamma 0.85 + JPEG q50
 }
 STRESS_KINDS = {"crop": NEAR}  # 3 % off each side and resized back: beyond the definition, reported apart
-SWEEP_COSINES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
-SWEEP_HAMMINGS = (4, 6, 8, 10, 12, 14, 16)
+SWEEP_COSINES = (0.0, 0.8, 0.85, 0.9, 0.92, 0.95)
+SWEEP_HAMMINGS = (8, 16, 24, 28, 32, 36, 40, 44, 48, 56)
 IDENTITY_ERROR_EVERY = 10  # every 10th copy gets another patient's ID
 DX_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.1"
 
