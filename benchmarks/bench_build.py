@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +37,7 @@ import numpy as np
 from benchmarks.common import ROOT, WORK, load_average, machine, say, shared_data, write_result
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 
 EMBED_ONLY = r"""
 import json, sys, time, warnings
@@ -118,10 +119,13 @@ def export_dicom(cxr: Path, out: Path, limit: int | None = None) -> dict:
         ds.SOPClassUID, ds.SOPInstanceUID = DX_FOR_PRESENTATION, sop_uid
         ds.StudyInstanceUID = generate_uid(entropy_srcs=[row["path"], "study"])
         ds.SeriesInstanceUID = generate_uid(entropy_srcs=[row["path"], "series"])
-        ds.PatientID = row.get("patient_id") or ""
+        patient = row.get("patient_id") or ""  # LO: at most 64 characters; labels.csv keeps the full id
+        if len(patient) > 64:
+            patient = patient[:47] + "-" + hashlib.sha1(patient.encode()).hexdigest()[:16]
+        ds.PatientID = patient
         ds.PatientName = ""
         ds.Modality, ds.BodyPartExamined = "DX", "CHEST"
-        ds.ViewPosition = row.get("view") or ""
+        ds.ViewPosition = row.get("view") if row.get("view") in ("PA", "AP", "LL", "RL") else ""
         ds.PresentationIntentType = "FOR PRESENTATION"
         ds.StudyDate, ds.SeriesNumber, ds.InstanceNumber = "20200101", 1, 1
         ds.Rows, ds.Columns = height, width
@@ -147,7 +151,8 @@ def export_dicom(cxr: Path, out: Path, limit: int | None = None) -> dict:
         writer = csv.DictWriter(fh, fieldnames=list(label_rows[0]))
         writer.writeheader()
         writer.writerows(label_rows)
-    info = {"version": EXPORT_VERSION, "files": len(rows), "limit": limit, "by_transfer_syntax": counts, "pydicom": pydicom.__version__,
+    info = {"version": EXPORT_VERSION, "files": len(rows), "limit": limit, "by_transfer_syntax": counts,
+            "pydicom": pydicom.__version__,
             "seconds": round(time.perf_counter() - started, 1),
             "bytes": sum(p.stat().st_size for p in out.rglob("*.dcm"))}
     marker.write_text(json.dumps(info, indent=2))
@@ -180,11 +185,14 @@ def build(source: Path, labels: Path, index: Path, extra=()) -> dict:
         raise RuntimeError(f"build-index failed ({result.returncode}): {result.stderr[-2000:]}{result.stdout[-2000:]}")
     data = json.loads(report.read_text())
     mode_line = next((line for line in result.stdout.splitlines() if line.startswith("embedding mode:")), "")
+    files = {f.name: f.stat().st_size for f in index.iterdir() if f.is_file()}
+    disk = {name: {"bytes": size, "bytes_per_case": round(size / max(data["total_cases"], 1), 1)}
+            for name, size in files.items() if name in ("catalog.sqlite", "vectors.hnsw")}
     return {"indexed": data["indexed"], "skipped": data["skipped"], "failed": data["failed"],
             "build_seconds": round(data["seconds"], 1), "process_seconds": round(wall, 1),
             "images_per_s": round(data["images_per_second"], 3),
             "images_per_s_whole_process": round(data["indexed"] / wall, 3),
-            "printed_mode": mode_line.split(":", 1)[1].strip() if mode_line else None,
+            "printed_mode": mode_line.split(":", 1)[1].strip() if mode_line else None, "index_on_disk": disk,
             "load_average_before": load_before, "load_average_after": load_average(),
             "stdout_tail": result.stdout.strip().splitlines()[-4:]}
 

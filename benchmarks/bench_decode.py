@@ -110,7 +110,8 @@ def run(quick: bool = False, export_limit: int | None = None) -> dict:
         megapixels = int(ds.Rows) * int(ds.Columns) / 1e6
         row = {"file": path.relative_to(SAMPLE).as_posix() if origin == "sample" else path.name,
                "origin": origin, "syntax": group, "transfer_syntax": tsuid,
-               "transfer_syntax_name": ds.file_meta.TransferSyntaxUID.name, "rows": int(ds.Rows), "columns": int(ds.Columns),
+               "transfer_syntax_name": ds.file_meta.TransferSyntaxUID.name, "rows": int(ds.Rows),
+               "columns": int(ds.Columns),
                "bits_allocated": int(ds.BitsAllocated), "photometric": str(ds.PhotometricInterpretation),
                "megapixels": round(megapixels, 3), "file_bytes": path.stat().st_size}
         for reader, fn in (("pydicom", _decode_pydicom), ("simpleitk", _decode_sitk),
