@@ -20,7 +20,6 @@ FAIL_REASONS = {
     "decode-error": "pixel data could not be decoded by pydicom or SimpleITK",
     "too-large": "image larger than the configured pixel limit",
     "unreadable": "file or folder could not be read (permissions, I/O error)",
-    "embed-error": "the model could not embed the image",
 }
 
 
