@@ -164,7 +164,7 @@ def make_runner(bundle, mode: str, calibration=None):
 
         def run(x):
             return embedder.embed_prepared(PreparedImage(array=x, spec_fingerprint=embedder.spec_fingerprint))
-        return run, {"describe": embedder.describe()}
+        return run, {"describe": embedder.describe().replace(f"batch {embedder.batch_size}, ", "")}
     if mode == "compile":
         import torch._inductor.config as inductor_config
 

@@ -60,7 +60,7 @@ from medsim.train.objectives import (
     init_projection,
     parse_objective,
 )
-from medsim.train.validation import headline, retrieval_report
+from medsim.train.validation import headline, paired_difference, retrieval_report
 
 log = logging.getLogger("medsim.train")
 
@@ -571,6 +571,9 @@ class Trainer:
                                 [r.source for r in records], k=K)
 
     def _baseline(self, val_ds) -> dict:
+        return self._report(self._baseline_embeddings(val_ds))
+
+    def _baseline_embeddings(self, val_ds) -> np.ndarray:
         """The ImageNet VGG-16 GAP embedding (the starting bundle's own, when --init) on the validation split."""
         import torch.nn.functional as F
 
@@ -585,7 +588,7 @@ class Trainer:
                 v = net.projection(v)
             return F.normalize(v, dim=1)
 
-        return self._report(self._embed(embed, val_ds))
+        return self._embed(embed, val_ds)
 
     def select_value(self, report: dict) -> float:
         """The number that picks the best epoch; 0 when undefined (no validation query has a relevant case)."""
@@ -640,7 +643,12 @@ class Trainer:
                             {k: v for k, v in state.items() if k != "checkpointer"})
         net.eval()
         t0 = time.perf_counter()
-        final = self._report(self._embed(net.embed, val_ds))
+        embeddings = self._embed(net.embed, val_ds)
+        final = self._report(embeddings)
+        records = [self.train_set.records[i] for i in self.val_idx]
+        final["vs_baseline"] = paired_difference(
+            embeddings, self._baseline_embeddings(val_ds), [r.labels for r in records],
+            [r.patient_id for r in records], [r.source for r in records], k=K, seed=cfg.seed)
         self.timings["final_validation_seconds"] = time.perf_counter() - t0
         best_epoch = max(history, key=lambda r: (r["select"], -r["epoch"]))["epoch"] if history else 0
         wall = self.wall_before + time.perf_counter() - started
@@ -652,6 +660,9 @@ class Trainer:
                  f"{best_epoch}, validation mAP@{K} {_fmt(final.get(f'mAP@{K}'))} (baseline "
                  f"{_fmt(baseline.get(f'mAP@{K}'))}), NIH {_fmt(headline(final)[f'nih_mAP@{K}'])} (baseline "
                  f"{_fmt(headline(baseline)[f'nih_mAP@{K}'])}); {wall / 60:.1f} min")
+        for name, d in final["vs_baseline"].items():
+            self.say(f"  {name}: mAP@{K} {d[f'delta_mAP@{K}']:+.3f} vs the baseline (95 % patient-bootstrap interval "
+                     f"{_fmt(d['ci95'][0])} .. {_fmt(d['ci95'][1])}, {d['queries']} queries)")
         return TrainResult(str(bundle.path), bundle.fingerprint, best_epoch, len(history), final, baseline,
                            wall, str(self.work_dir), history)
 

@@ -76,3 +76,37 @@ def headline(report: dict, k: int = 10) -> dict:
     return {f"mAP@{k}": report.get(f"mAP@{k}"), f"nih_mAP@{k}": nih.get(f"mAP@{k}"),
             "break_even_precision": be.get("precision"), "nih_break_even_precision":
             nih.get("break_even", {}).get("precision")}
+
+
+def _per_query_ap(scores, labels, patients, k):
+    ids = np.arange(len(labels))
+    valid = ~M.exclusion_mask(ids, ids, list(patients), list(patients))
+    relevant = M.relevance_matrix(list(labels), list(labels), "shares")
+    return M.ranking_metrics(M.rank_topk(scores, valid, k), relevant, valid, ks=(k,))[f"mAP@{k}"]
+
+
+def paired_difference(model: np.ndarray, baseline: np.ndarray, labels: Sequence[tuple[str, ...]],
+                      patients: Sequence[str], sources: Sequence[str], k: int = 10, n_resamples: int = 1000,
+                      seed: int = 0) -> dict:
+    """mAP@k(model) - mAP@k(baseline) on the same queries, with a 95 % patient-bootstrap interval (patients
+    resampled with replacement), on the whole set and on the NIH images (queries and gallery NIH)."""
+    out = {}
+    subsets = {"all": np.arange(len(labels))}
+    nih = np.flatnonzero(np.asarray([s == NIH_SOURCE for s in sources]))
+    if len(nih) >= 2:
+        subsets["nih"] = nih
+    for name, idx in subsets.items():
+        lab = [labels[i] for i in idx]
+        pat = [patients[i] for i in idx]
+        aps = []
+        for emb in (model, baseline):
+            e = np.asarray(emb, dtype=np.float64)[idx]
+            aps.append(_per_query_ap(e @ e.T, lab, pat, k))
+        diff = aps[0] - aps[1]
+        weights = M.patient_bootstrap_weights(pat, n_resamples, seed)
+        defined = np.isfinite(diff)
+        w = weights[:, defined]
+        samples = (w @ diff[defined]) / np.maximum(w.sum(axis=1), 1e-12)
+        lo, hi = M.percentile_interval(samples)
+        out[name] = {f"delta_mAP@{k}": M.mean_over_queries(diff), "ci95": [lo, hi], "queries": int(defined.sum())}
+    return out
