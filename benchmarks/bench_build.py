@@ -1,7 +1,8 @@
 """Benchmark 3, build-index end to end against embed-only: are decoding and I/O hidden behind the model?
 
 Two sources, each indexed from scratch by the real command (`medsim build-index`, a fresh process, default
-workers and batch size, default numeric mode):
+bundle -- the fine-tuned one from `make model` when present, else ImageNet VGG-16 --, default workers, batch size
+and numeric mode):
 
   cxr         ../shared/data/cxr as it is: 1,774 JPEGs (512 px) and 617 PNGs (64 px)
   cxr-dicom   a DICOM export of the same images, written at run time to var/bench/cxr-dicom (git-ignored): each
@@ -47,7 +48,7 @@ from medsim.model import resolve_bundle
 from medsim.ingest import read_any
 from medsim.preprocess import prepare
 paths = json.loads(sys.argv[1]); reps = int(sys.argv[2])
-bundle = resolve_bundle("imagenet")
+bundle = resolve_bundle(None)  # the default bundle, as build-index uses it
 embedder = bundle.embedder(batch_size=16)
 images = [prepare(read_any(p).pixels, bundle.preprocess) for p in paths]
 embedder.embed_prepared(images[:16])  # warm-up (oneDNN primitive creation)
@@ -177,7 +178,7 @@ def build(source: Path, labels: Path, index: Path, extra=()) -> dict:
     load_before = load_average()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "medsim.cli", "build-index", str(source), "--index", str(index),
-                             "--labels", str(labels), "--model", "imagenet", "--no-progress", "--report", str(report),
+                             "--labels", str(labels), "--no-progress", "--report", str(report),
                              *extra], capture_output=True, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
     wall = time.perf_counter() - started
@@ -202,7 +203,7 @@ def score_index(index: Path, images: Path, labels: Path) -> dict | None:
     from benchmarks.bench_embed import cosine_stats, map_at_10, set_key
     from medsim.evaluate.data import load_eval_set
     from medsim.index import CaseIndex
-    from medsim.model import resolve_bundle
+    from medsim.search import bundle_for_index
 
     eval_set = load_eval_set(images, labels)
     with CaseIndex.open(index) as opened:
@@ -214,7 +215,12 @@ def score_index(index: Path, images: Path, labels: Path) -> dict | None:
         return {"error": f"{len(missing)} dev-set images are not in the index (e.g. {missing[0]})"}
     matrix = np.stack([by_path[str(Path(item.path).resolve())] for item in eval_set.items])
     out = {"images": len(eval_set), "mAP@10": round(map_at_10(matrix, eval_set), 5)}
-    reference = WORK / "vectors" / f"{set_key(eval_set, resolve_bundle('imagenet'), 'fp32')}.npy"
+    with CaseIndex.open(index) as opened:
+        bundle = bundle_for_index(opened)
+    out["bundle"] = {"name": bundle.name, "fingerprint": bundle.fingerprint}
+    if bundle.extra.get("int8"):  # a trained bundle: its own int8-vs-fp32 check on its validation split
+        out["bundle_int8_check"] = bundle.extra["int8"]
+    reference = WORK / "vectors" / f"{set_key(eval_set, bundle, 'fp32')}.npy"
     if reference.exists():
         ref = np.load(reference)
         out["mAP@10_fp32"] = round(map_at_10(ref, eval_set), 5)

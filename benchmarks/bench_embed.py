@@ -5,16 +5,16 @@ FLOP convention: one multiply-add counts as 2 FLOPs, for the model and for the G
 2 n^3 FLOPs). VGG-16 up to conv5_3 (medsim's embedding layer, the last max-pool and the classifier left out) at
 224 px is 15.35 G multiply-adds = 30.7 GFLOP per image. Roofline (images/s) = measured GEMM FLOP/s / 30.7 GFLOP.
 
-Modes (``medsim.model.bundle.EMBED_MODES`` plus two measured only here):
+Modes (``medsim.model.bundle.EMBED_MODES`` plus two measured only here, compile and jit):
   fp32            float32, contiguous NCHW: the reference
   channels_last   float32, NHWC (oneDNN's preferred layout)
   bf16            bfloat16 autocast for the convolutions, pooling in float32 (native only with AVX512-BF16/AMX)
   compile         torch.compile (inductor, freezing) of the channels_last network; compile time reported (--full)
   jit             torch.jit.trace + freeze + optimize_for_inference (oneDNN conv+ReLU fusion, prepacked weights),
                   channels_last (--full)
-  int8            experimental: post-training static quantisation (torch.ao, x86/oneDNN backend, per-channel
-                  weights, histogram-calibrated activations) calibrated on the 15 sample PACS images, never on the
-                  dev set; AVX512-VNNI runs it natively. Not an Embedder mode.
+  int8            the Embedder's int8 mode (medsim.model.quantize: torch.ao static quantisation, x86 backend,
+                  per-channel weights, histogram-calibrated activations); a bundle without calibration images of its
+                  own (the ImageNet one) is calibrated on the 16 sample PACS images, never on the dev set
 
 Quality: every image of the dev set (../shared/data/cxr, 2,391 images) is embedded with fp32 and int8; bf16, whose
 emulation is slow on CPUs without native bf16, on a subset drawn round-robin across sources (``--bf16-images``),
@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.common import WORK, Timer, load_average, machine, say, shared_data, write_result
 
-MODES = ("fp32", "channels_last", "bf16")
+MODES = ("fp32", "channels_last", "bf16")  # Embedder modes that need nothing but the bundle
 
 
 # ---- FLOPs and roofline --------------------------------------------------------------------------------------------
@@ -96,12 +96,15 @@ def synthetic_batch(spec, n: int) -> np.ndarray:
     return np.stack([prepare(synthetic_radiograph(320, seed=i % 8), spec).array for i in range(n)])
 
 
-def sample_calibration(spec) -> np.ndarray:
-    """Prepared inputs of the sample PACS export's chest images (real X-rays shipped with the repository)."""
+def sample_calibration(spec):
+    """An ``Int8Calibration`` from the sample PACS export's chest images (built from packages, never the dev set),
+    for bundles that carry none of their own (the ImageNet bundle)."""
+    import hashlib
     import json
 
     from benchmarks.bench_decode import sample_files
     from medsim.dicom import read_dicom
+    from medsim.model.quantize import Int8Calibration, display_pixels
     from medsim.preprocess import prepare
 
     sample_files()
@@ -115,52 +118,18 @@ def sample_calibration(spec) -> np.ndarray:
                 arrays.append(prepare(read_dicom(SAMPLE / row["path"]).pixels, spec).array)
             except Exception:  # noqa: BLE001 - a sample the reader refuses is simply not used for calibration
                 continue
-    return np.stack(arrays)
-
-
-class Int8Network:
-    """Experimental int8 path (see module docstring): quantised features, GAP/GeM + L2 norm in float32."""
-
-    def __init__(self, network, calibration: np.ndarray):
-        import torch
-        from torch.ao.quantization import QConfig, QConfigMapping, quantize_fx
-        from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
-
-        warnings.filterwarnings("ignore", module="torch.ao")
-        torch.backends.quantized.engine = "x86"
-        vnni = bool(getattr(torch.cpu, "_is_vnni_supported", lambda: False)())
-        qconfig = QConfig(activation=HistogramObserver.with_args(reduce_range=not vnni),
-                          weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8,
-                                                                    qscheme=torch.per_channel_symmetric))
-        x = torch.from_numpy(calibration)
-        t0 = time.perf_counter()
-        prepared = quantize_fx.prepare_fx(network.features.eval(), QConfigMapping().set_global(qconfig),
-                                          example_inputs=(x[:1],))
-        with torch.inference_mode():
-            for start in range(0, len(x), 4):
-                prepared(x[start:start + 4])
-        self.features = quantize_fx.convert_fx(prepared)
-        self.pool = network.pool
-        self.projection = network.projection
-        self.calibration_seconds = time.perf_counter() - t0
-        self.reduce_range = not vnni
-
-    def __call__(self, batch):
-        import torch
-
-        v = self.pool(self.features(batch))
-        if self.projection is not None:
-            v = self.projection(v)
-        return torch.nn.functional.normalize(v, p=2.0, dim=1)
+    pixels = display_pixels(np.stack(arrays), spec)
+    return Int8Calibration(pixels=pixels, sha256=hashlib.sha256(pixels.tobytes()).hexdigest(), check={})
 
 
 def make_runner(bundle, mode: str, calibration=None):
     """(function (N,3,S,S) float32 numpy -> (N, D) numpy, info dict) for one mode."""
     import torch
 
+    from medsim.preprocess import PreparedImage
+
     if mode in MODES:
         embedder = bundle.embedder(mode=mode, batch_size=1 << 20)
-        from medsim.preprocess import PreparedImage
 
         def run(x):
             return embedder.embed_prepared(PreparedImage(array=x, spec_fingerprint=embedder.spec_fingerprint))
@@ -191,16 +160,18 @@ def make_runner(bundle, mode: str, calibration=None):
             with torch.inference_mode():
                 return frozen(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
         return run, {"freeze_seconds": round(t.seconds, 1)}
-    if mode == "int8":
-        if calibration is None:
-            calibration = sample_calibration(bundle.preprocess)
-        net = Int8Network(bundle.network(), calibration)
+    if mode == "int8":  # the Embedder's int8 mode, with the bundle's calibration or the sample images'
+        from medsim.model.bundle import Embedder
+
+        calibration = calibration or bundle.int8_calibration() or sample_calibration(bundle.preprocess)
+        with Timer() as t:
+            embedder = Embedder(bundle.network(), bundle.preprocess, mode="int8", int8=calibration,
+                                batch_size=1 << 20)
 
         def run(x):
-            with torch.inference_mode():
-                return net(torch.from_numpy(x)).numpy()
-        return run, {"calibration_images": len(calibration), "calibration_seconds": round(net.calibration_seconds, 1),
-                     "activation_reduce_range": net.reduce_range}
+            return embedder.embed_prepared(PreparedImage(array=x, spec_fingerprint=embedder.spec_fingerprint))
+        return run, {"calibration_images": len(calibration.pixels), "calibration_or_cache_seconds": round(t.seconds, 1),
+                     "describe": embedder.describe().replace(f"batch {embedder.batch_size}, ", "")}
     raise ValueError(mode)
 
 

@@ -11,8 +11,9 @@ import multiprocessing
 import os
 import time
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -133,20 +134,16 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
 
     skip_duplicates: keep exact duplicates (decoded pixels equal to an indexed case's, or to a file read earlier in
     this run) out of the index; each is skipped with reason ``duplicate-pixels`` and listed in the report."""
-    from tqdm import tqdm
-
     started = time.perf_counter()
     report = BuildReport()
-    labels = labels or LabelTable.empty()
     source = Path(source).resolve()
     workers = default_workers() if workers is None else max(0, workers)
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
-    embedder = bundle.embedder(batch_size=batch_size)
-    report.embed_mode = embedder.describe()
     try:
+        writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates)
         files, unreadable_dirs = walk(source)
-        if labels.source:  # the labels file may sit inside the export; it is metadata, not input
+        if labels is not None and labels.source:  # the labels file may sit inside the export; it is metadata
             files = [f for f in files if str(f.resolve()) != str(Path(labels.source).resolve())]
         failed_dirs = [FileRecord(str(p), 0, 0.0, "failed", "unreadable", why) for p, why in unreadable_dirs]
         index.record_files(failed_dirs)
@@ -166,58 +163,9 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
                 report.unchanged += 1
             else:
                 todo.append(str(file))
-        seen_uids: set[str] = set()
-        seen_pixels: dict[str, str] = {}  # pixel hash -> path, of the files queued in this run (--skip-duplicates)
-        pending: list[Outcome] = []
-        ledger: list[FileRecord] = []
-        last_save = time.monotonic()
-        bar = tqdm(total=len(todo), unit="img", desc="build-index", disable=not progress, dynamic_ncols=True)
-
-        def flush() -> None:
-            nonlocal pending, ledger
-            cases = [o.case for o in pending]
-            vectors = embedder.embed_prepared([o.image for o in pending]) if pending else np.zeros((0, index.dim))
-            index.add(cases, vectors, bundle.fingerprint, files=ledger + [o.record for o in pending])
-            report.indexed += len(pending)
-            pending, ledger = [], []
-
-        try:
-            for outcome in _outcomes(todo, str(source), policy, bundle.preprocess, workers, chunk_size):
-                bar.update(1)
-                record = outcome.record
-                if record.status == "indexed":
-                    labels.apply(outcome.case)
-                    if record.sop_uid in seen_uids or index.has_sop_uid(record.sop_uid):
-                        record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-sop-uid",
-                                            f"SOP Instance UID {record.sop_uid} already indexed", record.sop_uid)
-                    elif skip_duplicates and (original := _same_pixels(outcome.case, seen_pixels, index)):
-                        record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-pixels",
-                                            f"same pixels as {original}", record.sop_uid)
-                        report.duplicates.append(record)
-                    else:
-                        seen_uids.add(record.sop_uid)
-                        if outcome.case.pixel_hash:
-                            seen_pixels.setdefault(outcome.case.pixel_hash, record.path)
-                        pending.append(outcome)
-                if record.status == "skipped":
-                    report.skipped[record.reason] += 1
-                    ledger.append(record)
-                elif record.status == "failed":
-                    report.failed[record.reason] += 1
-                    report.failures.append(record)
-                    ledger.append(record)
-                if len(pending) >= batch_size:
-                    flush()
-                    bar.set_postfix(indexed=report.indexed)
-                    if time.monotonic() - last_save > SAVE_EVERY_SECONDS:
-                        index.save()
-                        last_save = time.monotonic()
-            flush()
-        except KeyboardInterrupt:
-            report.interrupted = True
-        finally:
-            bar.close()
-        index.save()
+        task = partial(_process_chunk, root=str(source), policy=policy, spec=bundle.preprocess)
+        executor = _process_pool(workers) if workers > 0 else None
+        writer.consume(pooled(task, _chunks(todo, chunk_size), executor, 2 * workers + 2), len(todo), progress)
         report.total_cases = len(index)
     finally:
         index.close()
@@ -225,14 +173,89 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
     return report
 
 
-def _same_pixels(case: Case, seen_pixels: dict[str, str], index: CaseIndex) -> str:
-    """Where ``case``'s exact pixels were seen before ('' if nowhere): a file queued in this run, or an indexed case."""
-    if not case.pixel_hash:
-        return ""
-    if case.pixel_hash in seen_pixels:
-        return f"{seen_pixels[case.pixel_hash]} (earlier in this run)"
-    original = index.find_pixel_hash(case.pixel_hash)
-    return f"indexed SOP {original.sop_uid} ({original.source_path})" if original else ""
+class IndexWriter:
+    """The one consumer of outcomes, whatever their source (folder or DICOMweb): applies labels, drops repeated SOP
+    Instance UIDs (and, with ``skip_duplicates``, repeated pixels), embeds in batches, and commits each batch with
+    the ledger rows of the files it covers in one transaction; saves the graph now and then and at the end."""
+
+    def __init__(self, index: CaseIndex, bundle, report: BuildReport, labels: LabelTable | None = None,
+                 batch_size: int = 16, skip_duplicates: bool = False):
+        self.index, self.bundle, self.report = index, bundle, report
+        self.labels = labels or LabelTable.empty()
+        self.batch_size, self.skip_duplicates = batch_size, skip_duplicates
+        self.embedder = bundle.embedder(batch_size=batch_size)
+        report.embed_mode = self.embedder.describe()
+        self._seen_uids: set[str] = set()
+        self._seen_pixels: dict[str, str] = {}  # pixel hash -> path, of the files queued in this run
+        self._pending: list[Outcome] = []
+        self._ledger: list[FileRecord] = []
+        self._last_save = time.monotonic()
+
+    def consume(self, outcomes, total: int, progress: bool = True) -> None:
+        """Handle every outcome with a progress bar; Ctrl-C keeps what is committed and marks the report."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="img", desc="build-index", disable=not progress, dynamic_ncols=True)
+        try:
+            for outcome in outcomes:
+                bar.update(1)
+                self.handle(outcome)
+                bar.set_postfix(indexed=self.report.indexed, refresh=False)
+            self.flush()
+        except KeyboardInterrupt:
+            self.report.interrupted = True
+        finally:
+            bar.close()
+            self.index.save()
+
+    def handle(self, outcome: Outcome) -> None:
+        record, report = outcome.record, self.report
+        if record.status == "indexed":
+            self.labels.apply(outcome.case)
+            if record.sop_uid in self._seen_uids or self.index.has_sop_uid(record.sop_uid):
+                record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-sop-uid",
+                                    f"SOP Instance UID {record.sop_uid} already indexed", record.sop_uid)
+            elif self.skip_duplicates and (original := self._same_pixels(outcome.case)):
+                record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-pixels",
+                                    f"same pixels as {original}", record.sop_uid)
+                report.duplicates.append(record)
+            else:
+                self._seen_uids.add(record.sop_uid)
+                if outcome.case.pixel_hash:
+                    self._seen_pixels.setdefault(outcome.case.pixel_hash, record.path)
+                self._pending.append(outcome)
+        if record.status == "skipped":
+            report.skipped[record.reason] += 1
+            self._ledger.append(record)
+        elif record.status == "failed":
+            report.failed[record.reason] += 1
+            report.failures.append(record)
+            self._ledger.append(record)
+        if len(self._pending) >= self.batch_size:
+            self.flush()
+            if time.monotonic() - self._last_save > SAVE_EVERY_SECONDS:
+                self.index.save()
+                self._last_save = time.monotonic()
+
+    def flush(self) -> None:
+        pending, ledger = self._pending, self._ledger
+        if not pending and not ledger:
+            return
+        vectors = (self.embedder.embed_prepared([o.image for o in pending]) if pending
+                   else np.zeros((0, self.index.dim), dtype=np.float32))
+        self.index.add([o.case for o in pending], vectors, self.bundle.fingerprint,
+                       files=ledger + [o.record for o in pending])
+        self.report.indexed += len(pending)
+        self._pending, self._ledger = [], []
+
+    def _same_pixels(self, case: Case) -> str:
+        """Where ``case``'s exact pixels were seen before ('' if nowhere): earlier in this run, or an indexed case."""
+        if not case.pixel_hash:
+            return ""
+        if case.pixel_hash in self._seen_pixels:
+            return f"{self._seen_pixels[case.pixel_hash]} (earlier in this run)"
+        original = self.index.find_pixel_hash(case.pixel_hash)
+        return f"indexed SOP {original.sop_uid} ({original.source_path})" if original else ""
 
 
 def default_workers() -> int:
@@ -240,25 +263,33 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _outcomes(paths, root, policy, spec, workers, chunk_size):
-    """Outcomes of all paths, decoded in ``workers`` processes with a bounded number of chunks in flight."""
-    chunks = [paths[i:i + chunk_size] for i in range(0, len(paths), chunk_size)]
-    if workers == 0:
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """Spawned, not forked: no fork of a process whose torch threads already run."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker)
+
+
+def pooled(task, chunks, executor: Executor | None, max_in_flight: int):
+    """Outcomes of ``task(chunk)`` for every chunk, with at most ``max_in_flight`` chunks queued on ``executor``
+    (in completion order), or in order in this process when ``executor`` is None."""
+    if executor is None:
         for chunk in chunks:
-            yield from _process_chunk(chunk, root, policy, spec)
+            yield from task(chunk)
         return
-    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads already run
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+    with executor as pool:
         in_flight = set()
         queue = iter(chunks)
-        max_in_flight = 2 * workers + 2
         try:
             while True:
                 while len(in_flight) < max_in_flight:
                     chunk = next(queue, None)
                     if chunk is None:
                         break
-                    in_flight.add(pool.submit(_process_chunk, chunk, root, policy, spec))
+                    in_flight.add(pool.submit(task, chunk))
                 if not in_flight:
                     return
                 done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)

@@ -119,25 +119,20 @@ def cmd_build_index(args) -> int:
     from medsim.build import build_index
     from medsim.dicom import DEFAULT_MAX_PIXELS, ChestPolicy
     from medsim.ingest import LabelTable
+    from medsim.dicomweb import build_index_from_dicomweb, is_dicomweb_url
     from medsim.model import resolve_bundle
 
-    from medsim.dicomweb import build_index_from_dicomweb, is_dicomweb_url
-
-    if is_dicomweb_url(args.source):
-        build_index = build_index_from_dicomweb
-    elif not Path(args.source).exists():
+    from_pacs = is_dicomweb_url(args.source)
+    if not from_pacs and not Path(args.source).exists():
         raise MedsimError(f"source {args.source} does not exist")
     bundle = resolve_bundle(args.model)
     labels = LabelTable.from_csv(args.labels) if args.labels else LabelTable.empty()
     policy = ChestPolicy(any_body_part=args.any_body_part, any_modality=args.any_modality,
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     print(f"model: {bundle.name} ({bundle.fingerprint}); index: {args.index}", file=sys.stderr)
-    if args.skip_duplicates and is_dicomweb_url(args.source):
-        raise MedsimError("--skip-duplicates works on folders; for a DICOMweb source run `medsim duplicates` after "
-                          "the build")
-    extra = {"skip_duplicates": True} if args.skip_duplicates else {}
-    report = build_index(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
-                         batch_size=args.batch_size, progress=not args.no_progress, **extra)
+    build = build_index_from_dicomweb if from_pacs else build_index
+    report = build(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
+                   batch_size=args.batch_size, progress=not args.no_progress, skip_duplicates=args.skip_duplicates)
     for line in report.summary_lines():
         print(line)
     if args.report:

@@ -441,24 +441,21 @@ def fetch_and_process(client: DicomWebClient, ref: InstanceRef, folder: str, pol
     return outcome
 
 
-def _fetch_chunk(client, refs, folder, policy, spec):
+def _fetch_chunk(refs, client, folder, policy, spec):
     return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
 
 
 def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=None,
                               policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
-                              progress: bool = True, chunk_size: int = 4, client: DicomWebClient | None = None):
+                              progress: bool = True, chunk_size: int = 4, client: DicomWebClient | None = None,
+                              skip_duplicates: bool = False):
     """Index every chest radiograph a DICOMweb server holds that the index does not hold yet (fetch and decode in
-    ``workers`` processes, or in threads of this process when 0). Returns a :class:`medsim.build.BuildReport`."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    ``workers`` processes, or in threads of this process when 0), through the same writer as a folder build.
+    Returns a :class:`medsim.build.BuildReport`."""
+    from functools import partial
 
-    import numpy as np
-    from tqdm import tqdm
-
-    from medsim.build import BuildReport, _init_worker, default_workers
-    from medsim.index import CaseIndex, FileRecord
-    from medsim.ingest import LabelTable
+    from medsim.build import BuildReport, IndexWriter, _chunks, _process_pool, default_workers, pooled
+    from medsim.index import CaseIndex
 
     started = time.perf_counter()
     client = client or DicomWebClient(url)
@@ -466,12 +463,11 @@ def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=N
     if not reachable:  # before an index is created for nothing
         raise PacsUnavailable(detail)
     report = BuildReport()
-    labels = labels or LabelTable.empty()
     workers = default_workers() if workers is None else max(0, workers)
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
-    embedder = bundle.embedder()
     try:
+        writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates)
         known = index.known_files()
         todo: list[InstanceRef] = []
         for ref in client.chest_instances(policy):
@@ -480,68 +476,12 @@ def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=N
                 report.unchanged += 1
             else:
                 todo.append(ref)
-        chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
-        seen_uids: set[str] = set()
-        pending, ledger = [], []
-        bar = tqdm(total=len(todo), unit="img", desc="build-index", disable=not progress, dynamic_ncols=True)
-
-        def flush() -> None:
-            nonlocal pending, ledger
-            vectors = embedder.embed_prepared([o.image for o in pending]) if pending else np.zeros((0, index.dim))
-            index.add([o.case for o in pending], vectors, bundle.fingerprint,
-                      files=ledger + [o.record for o in pending])
-            report.indexed += len(pending)
-            pending, ledger = [], []
-
-        def handle(outcome) -> None:
-            record = outcome.record
-            bar.update(1)
-            if record.status == "indexed":
-                labels.apply(outcome.case)
-                if record.sop_uid in seen_uids or index.has_sop_uid(record.sop_uid):
-                    record = FileRecord(record.path, record.size, record.mtime, "skipped", "duplicate-sop-uid",
-                                        f"SOP Instance UID {record.sop_uid} already indexed", record.sop_uid)
-                else:
-                    seen_uids.add(record.sop_uid)
-                    pending.append(outcome)
-                    if len(pending) >= batch_size:
-                        flush()
-                    return
-            if record.status == "skipped":
-                report.skipped[record.reason] += 1
-            else:
-                report.failed[record.reason] += 1
-                report.failures.append(record)
-            ledger.append(record)
-
-        if workers > 0:
-            pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_init_worker)
-            max_in_flight = 2 * workers + 2
-        else:
-            pool = ThreadPoolExecutor(max_workers=4)
-            max_in_flight = 8
-        try:
-            with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as tmp, pool:
-                queue, in_flight = iter(chunks), set()
-                while True:
-                    while len(in_flight) < max_in_flight:
-                        chunk = next(queue, None)
-                        if chunk is None:
-                            break
-                        in_flight.add(pool.submit(_fetch_chunk, client, chunk, tmp, policy, bundle.preprocess))
-                    if not in_flight:
-                        break
-                    done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        for outcome in future.result():
-                            handle(outcome)
-                flush()
-        except KeyboardInterrupt:
-            report.interrupted = True
-        finally:
-            bar.close()
-        index.save()
+        # fetching is I/O: without worker processes, threads of this process still overlap the requests
+        executor = _process_pool(workers) if workers > 0 else ThreadPoolExecutor(max_workers=4)
+        with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as tmp:
+            task = partial(_fetch_chunk, client=client, folder=tmp, policy=policy, spec=bundle.preprocess)
+            writer.consume(pooled(task, _chunks(todo, chunk_size), executor, 2 * max(workers, 3) + 2), len(todo),
+                           progress)
         report.total_cases = len(index)
     finally:
         index.close()

@@ -131,3 +131,23 @@ def test_cli_build_index_from_an_unreachable_pacs(tmp_path, capsys):
     assert rc == 2
     assert "unreachable" in capsys.readouterr().err
     assert not (tmp_path / "idx").exists()
+
+
+def test_build_index_from_dicomweb_skips_pixel_duplicates(pacs, tmp_path):
+    """`--skip-duplicates` on a DICOMweb source: the second view (new UIDs, the same pixels as its source image) is
+    kept out and reported with the instance it copies; everything else is indexed."""
+    from medsim.search import bundle_for_index
+    from orthanc_fixtures import SAMPLE_DIR, SECOND_VIEW_SOURCE
+
+    with CaseIndex.open(pacs.index_path) as index:
+        bundle = bundle_for_index(index)
+    source = next(i for i in pacs.indexed + pacs.pacs_only if i.path == SAMPLE_DIR / SECOND_VIEW_SOURCE)
+    pair = {source.sop_uid, pacs.second_view.sop_uid}
+    report = build_index_from_dicomweb(pacs.url, tmp_path / "index", bundle, workers=0, progress=False,
+                                       skip_duplicates=True)
+    assert dict(report.skipped) == {"duplicate-pixels": 1}
+    (duplicate,) = report.duplicates
+    assert duplicate.sop_uid in pair and (pair - {duplicate.sop_uid}).pop() in duplicate.detail
+    assert report.indexed == len(pacs.indexed) + len(pacs.pacs_only) - 1
+    with CaseIndex.open(tmp_path / "index") as index:
+        assert duplicate.sop_uid not in {c.sop_uid for c in index.cases()}

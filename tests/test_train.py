@@ -108,6 +108,36 @@ def test_tiny_training_run_writes_a_loadable_bundle(trained, tiny):
     assert vectors.shape == (1, 512) and abs(float(np.linalg.norm(vectors)) - 1.0) < 1e-5
 
 
+def test_the_bundle_carries_int8_calibration_and_its_check(trained, tiny):
+    """Training writes int8 calibration images (training images only) and checks int8 against float32 on the
+    validation split; int8 is the bundle's default only where that check passed, and it agrees with float32 on
+    real radiographs. A bundle without calibration (ImageNet) refuses int8 with a reason."""
+    from medsim.ingest import read_any
+    from medsim.model.bundle import default_embed_mode
+    from medsim.model.quantize import CALIBRATION_FILE, MAX_MAP_LOSS
+
+    bundle = ModelBundle.load(trained)
+    check = bundle.extra["int8"]
+    calibration = bundle.int8_calibration()
+    with open(tiny / "labels.csv", newline="") as f:
+        validation = set(bundle.extra["split"]["validation_patients"])
+        n_validation = sum(row["patient_id"] in validation for row in csv.DictReader(f))
+    assert (trained / CALIBRATION_FILE).is_file()
+    assert check["calibration_images"] == len(calibration.pixels) == 18 - n_validation
+    assert calibration.pixels.shape[1:] == (224, 224) and calibration.pixels.dtype == np.uint8
+    assert check["validation_images"] == n_validation
+    assert check["default_ok"] == (check["delta_mAP@10"] >= -MAX_MAP_LOSS)
+    assert bundle.embedder().mode == default_embed_mode("cpu", check["default_ok"])
+
+    images = [read_any(p).pixels for p in sorted((tiny / "images").iterdir())[:4]]
+    fp32 = bundle.embedder(mode="fp32").embed(images)
+    int8 = bundle.embedder(mode="int8")
+    assert int8.mode == "int8" and "int8" in int8.describe()
+    assert float(np.min(np.sum(fp32 * int8.embed(images), axis=1))) > 0.98
+    with pytest.raises(ValueError, match="no int8 calibration"):
+        resolve_bundle("imagenet").embedder(mode="int8")
+
+
 def test_build_index_accepts_the_bundle(trained, tiny, tmp_path, capsys):
     index = tmp_path / "index"
     assert main(["build-index", str(tiny), "--labels", str(tiny / "labels.csv"), "--index", str(index),
@@ -131,7 +161,7 @@ def test_an_existing_run_or_bundle_is_not_overwritten_silently(trained, tiny, ca
 def test_resume_continues_an_interrupted_run(tiny, tmp_path):
     out = tmp_path / "bundle"
     config = TrainConfig(images=str(tiny), labels=str(tiny / "labels.csv"), out=str(out), epochs=3, batch_size=6,
-                         max_steps_per_epoch=2, validation_fraction=0.3, patience=10)
+                         max_steps_per_epoch=2, validation_fraction=0.3, patience=10, int8_check=False)
 
     def interrupt(row):
         if row["epoch"] == 1:

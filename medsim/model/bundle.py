@@ -357,10 +357,17 @@ class ModelBundle:
         """The embedding network with the bundle's weights, in eval mode."""
         return load_network(self.network_config, self.state_dict()).to(device).eval()
 
+    def int8_calibration(self):
+        """The bundle's int8 calibration images and check (``medsim.model.quantize``), or None."""
+        from medsim.model.quantize import Int8Calibration
+
+        return Int8Calibration.load(self.path, self.extra.get("int8", {}))
+
     def embedder(self, device: str | torch.device = "cpu", batch_size: int = 16, mode: str | None = None
                  ) -> "Embedder":
         return Embedder(self.network(device), self.preprocess, device=device, batch_size=batch_size,
-                        fingerprint=self.fingerprint, name=self.name, mode=mode)
+                        fingerprint=self.fingerprint, name=self.name, mode=mode,
+                        int8=self.int8_calibration())
 
 
 # Numeric modes of ``Embedder`` (docs/performance.md measures each: speed, and mAP@10 on the dev set):
@@ -368,7 +375,9 @@ class ModelBundle:
 #   channels_last  float32 in oneDNN's channels-last (NHWC) layout: same numbers to ~1e-7, faster convolutions
 #   bf16           bfloat16 autocast for the convolutions (channels-last), pooling and normalisation in float32;
 #                  fast only where the CPU has native bf16 (AVX512-BF16 / AMX) or on a GPU
-EMBED_MODES = ("fp32", "channels_last", "bf16")
+#   int8           int8 convolutions calibrated on the bundle's own images (``medsim.model.quantize``), CPU only;
+#                  fast where the CPU has VNNI; only for bundles that carry calibration images (``medsim train``)
+EMBED_MODES = ("fp32", "channels_last", "bf16", "int8")
 EMBED_MODE_ENV = "MEDSIM_EMBED_MODE"
 
 
@@ -383,14 +392,19 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
-def default_embed_mode(device: str | torch.device = "cpu") -> str:
-    """The fastest mode that keeps retrieval quality (docs/performance.md): bf16 where the device computes bf16
-    natively, else channels_last. ``$MEDSIM_EMBED_MODE`` (fp32, channels_last, bf16) overrides it."""
+def default_embed_mode(device: str | torch.device = "cpu", int8_approved: bool = False) -> str:
+    """The fastest mode that keeps retrieval quality (docs/performance.md): int8 on a CPU with VNNI when the bundle's
+    own check approved it (mAP@10 within 0.005 of fp32), else bf16 where the device computes bf16 natively, else
+    channels_last. ``$MEDSIM_EMBED_MODE`` (one of EMBED_MODES, or auto) overrides it."""
+    from medsim.model.quantize import integer_dot_product_cpu
+
     env = os.environ.get(EMBED_MODE_ENV, "").strip().lower()
     if env and env != "auto":
         if env not in EMBED_MODES:
             raise ValueError(f"${EMBED_MODE_ENV}={env!r}: use one of {', '.join(EMBED_MODES)} or auto")
         return env
+    if int8_approved and torch.device(device).type == "cpu" and integer_dot_product_cpu():
+        return "int8"
     return "bf16" if native_bf16(device) else "channels_last"
 
 
@@ -403,16 +417,29 @@ class Embedder:
     """
 
     def __init__(self, network: EmbeddingNet, spec: PreprocessSpec, *, device: str | torch.device = "cpu",
-                 batch_size: int = 16, fingerprint: str = "", name: str = "", mode: str | None = None):
+                 batch_size: int = 16, fingerprint: str = "", name: str = "", mode: str | None = None,
+                 int8=None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.device = torch.device(device)
-        self.mode = default_embed_mode(self.device) if mode in (None, "", "auto") else str(mode)
+        self.int8 = int8  # medsim.model.quantize.Int8Calibration of the bundle, or None
+        approved = bool(int8 is not None and int8.approved)
+        self.mode = default_embed_mode(self.device, approved) if mode in (None, "", "auto") else str(mode)
         if self.mode not in EMBED_MODES:
             raise ValueError(f"unknown embedding mode {mode!r}; known: {', '.join(EMBED_MODES)} or auto")
         # channels_last: oneDNN's faster convolution layout on CPU (same results to ~1e-7).
-        self._memory_format = torch.contiguous_format if self.mode == "fp32" else torch.channels_last
+        self._memory_format = torch.contiguous_format if self.mode in ("fp32", "int8") else torch.channels_last
         self.network = network.to(self.device, memory_format=self._memory_format).eval()
+        self._int8_features = None
+        if self.mode == "int8":
+            from medsim.model.quantize import quantized_features
+
+            if self.device.type != "cpu":
+                raise ValueError("the int8 mode runs on the CPU only; use bf16 on a GPU")
+            if int8 is None:
+                raise ValueError(f"model {name or '?'} carries no int8 calibration images (bundles written by "
+                                 f"`medsim train` do); use channels_last or fp32")
+            self._int8_features = quantized_features(self.network.features, int8, spec)
         self.spec = spec
         self.spec_fingerprint = spec.fingerprint
         self.batch_size = int(batch_size)
@@ -431,16 +458,20 @@ class Embedder:
         """One line for logs: mode, device, batch size and threads."""
         detail = {"fp32": "float32, contiguous", "channels_last": "float32, channels-last",
                   "bf16": "bfloat16 autocast, channels-last" + ("" if native_bf16(self.device) else
-                                                                 ", emulated: no native bf16 on this device")}
+                                                                 ", emulated: no native bf16 on this device"),
+                  "int8": "int8 convolutions calibrated on the bundle's images"}
         threads = f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""
         return f"{self.mode} ({detail[self.mode]}), {self.device}, batch {self.batch_size}{threads}"
 
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.mode != "bf16":
+        if self.mode == "int8":
+            fmap = self._int8_features(batch)
+        elif self.mode == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                fmap = self.network.forward_features(batch).float()
+        else:
             return self.network(batch)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16):
-            fmap = self.network.forward_features(batch)
-        v = self.network.pool(fmap.float())
+        v = self.network.pool(fmap)
         if self.network.projection is not None:
             v = self.network.projection(v)
         return torch.nn.functional.normalize(v, p=2.0, dim=1)

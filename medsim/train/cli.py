@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=d.name, help="bundle name (default: %(default)s)")
     parser.add_argument("--report", type=Path, help="also write the result (metrics, timings) as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines while caching")
+    parser.add_argument("--no-int8-check", action="store_true", help="do not write int8 calibration images nor "
+                        "check int8 against float32 on the validation split (the bundle then embeds in float32)")
 
 
 def command(args) -> int:
@@ -96,7 +98,7 @@ def command(args) -> int:
         weight_decay=args.weight_decay, temperature=args.temperature, views=args.views,
         feature_augment=args.feature_augment, validation_fraction=args.validation_fraction, seed=args.seed,
         select=args.select, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
-        workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch,
+        workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch, int8_check=not args.no_int8_check,
     )
     try:
         trainer = Trainer(config, resume=args.resume, restart=args.restart, overwrite=args.overwrite,

@@ -32,10 +32,9 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,13 +45,13 @@ from medsim.train.data import (
     Split,
     TrainDataError,
     TrainSet,
-    VocabularyError,
     load_train_set,
     map_vocabulary,
     patient_split,
     remap,
 )
-from medsim.train.features import POOL4_END, AugmentSpec, TrunkCache, ViewTransform, augment_transform
+from medsim.model.quantize import save_calibration
+from medsim.train.features import POOL4_END, AugmentSpec, TrunkCache, augment_transform
 from medsim.train.objectives import (
     RetrievalLoss,
     RetrievalNet,
@@ -94,6 +93,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     temperature: float = 0.1
     views: int = 1  # augmented views per training image, besides the original
+    int8_check: bool = True  # write int8 calibration images and check int8 against fp32 on the validation split
     feature_augment: float = 0.5  # probability of a random shift/scale of the activation grid
     validation_fraction: float = 0.2
     seed: int = 0
@@ -894,11 +894,58 @@ class Trainer:
             "code_version": code_version(),
         }
         extra["consistency_check"] = self._consistency(state, projection, net, val_ds)
+        calibration = None
+        if cfg.int8_check:
+            calibration, extra["int8"] = self._int8_check(state, projection)
         bundle = ModelBundle.create(self.out, state, name=cfg.name, preprocess=self.base.preprocess,
                                     pooling=cfg.pooling, projection=projection, provenance=provenance,
                                     label_vocabulary=self.vocabulary, extra=_clean(extra),
                                     overwrite=self.overwrite or self.out.exists())
+        if calibration is not None:
+            save_calibration(bundle.path, calibration.pixels)
         return bundle
+
+    def _int8_check(self, state: dict, projection: dict, n_calibration: int = 32):
+        """Calibration images for the int8 mode (seeded training images, across sources) and its check: validation
+        mAP@10 with int8 against float32, both through the bundle's ``Embedder`` from the pixels, as build-index
+        embeds. int8 becomes the bundle's default (on CPUs with VNNI) only if it loses at most MAX_MAP_LOSS."""
+        import hashlib
+
+        from medsim.model.bundle import Embedder
+        from medsim.model.network import load_network, network_config
+        from medsim.model.quantize import MAX_MAP_LOSS, Int8Calibration, display_pixels
+        from medsim.preprocess import prepare
+        from medsim.train.features import load_radiograph
+
+        t0 = time.perf_counter()
+        spec, root = self.base.preprocess, self.train_set.root
+        rng = np.random.default_rng(self.config.seed)
+        chosen = rng.choice(np.asarray(self.train_idx), size=min(n_calibration, len(self.train_idx)), replace=False)
+        prepared = np.stack([prepare(load_radiograph(self.train_set.records[i].path, root), spec).array
+                             for i in sorted(chosen)])
+        pixels = display_pixels(prepared, spec)
+        calibration = Int8Calibration(pixels=pixels, sha256=hashlib.sha256(pixels.tobytes()).hexdigest(), check={})
+        config = network_config("vgg16", "conv5_3", self.config.pooling, projection)
+        images = [load_radiograph(self.train_set.records[i].path, root) for i in self.val_idx]
+        vectors = {}
+        for mode in ("fp32", "int8"):
+            embedder = Embedder(load_network(config, state), spec, mode=mode, int8=calibration)
+            vectors[mode] = embedder.embed(images)
+        scores = {mode: headline(self._report(v)) for mode, v in vectors.items()}
+        cosine = np.sum(vectors["fp32"] * vectors["int8"], axis=1)
+        delta = scores["int8"][f"mAP@{K}"] - scores["fp32"][f"mAP@{K}"]
+        check = {"calibration_images": int(len(pixels)), "validation_images": len(images),
+                 f"mAP@{K}_fp32": scores["fp32"][f"mAP@{K}"], f"mAP@{K}_int8": scores["int8"][f"mAP@{K}"],
+                 f"delta_mAP@{K}": delta, f"nih_mAP@{K}_fp32": scores["fp32"][f"nih_mAP@{K}"],
+                 f"nih_mAP@{K}_int8": scores["int8"][f"nih_mAP@{K}"],
+                 "cosine_int8_to_fp32": {"min": float(cosine.min()), "mean": float(cosine.mean())},
+                 "max_loss": MAX_MAP_LOSS, "default_ok": bool(delta >= -MAX_MAP_LOSS),
+                 "seconds": time.perf_counter() - t0}
+        self.say(f"int8 check on {len(images)} validation images: mAP@{K} {_fmt(check[f'mAP@{K}_int8'])} vs fp32 "
+                 f"{_fmt(check[f'mAP@{K}_fp32'])} (delta {delta:+.4f}), min cosine {cosine.min():.4f}: int8 "
+                 + ("is this bundle's default on CPUs with VNNI" if check["default_ok"] else
+                    f"loses more than {MAX_MAP_LOSS} and is not its default"))
+        return Int8Calibration(pixels=pixels, sha256=calibration.sha256, check=check), check
 
     def _consistency(self, state: dict, projection: dict, net: RetrievalNet, val_ds, n: int = 4) -> dict:
         """The bundle's network used as build-index uses it (pixels -> Embedder) must embed the validation images

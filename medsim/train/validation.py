@@ -56,6 +56,13 @@ def retrieval_report(embeddings: np.ndarray, labels: Sequence[tuple[str, ...]], 
         by_source[source or "(none)"] = _block(scores[np.ix_(idx, idx)], [labels[i] for i in idx],
                                                [patients[i] for i in idx], k, break_even)
     report["by_source"] = by_source
+    # shortcut check: how often a result comes from the query's own source (images of other sources excluded nothing)
+    src = np.asarray(sources, dtype=object)
+    ids = np.arange(len(labels))
+    valid = ~M.exclusion_mask(ids, ids, list(patients), list(patients))
+    topk = M.rank_topk(scores, valid, k)
+    same = (src[topk.indices] == src[:, None]) & topk.filled
+    report[f"same_source_at_{k}"] = float(same.sum() / max(1, topk.filled.sum()))
     nih = np.asarray([s == NIH_SOURCE for s in sources])
     if nih.any():
         n = len(labels)
