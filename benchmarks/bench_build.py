@@ -17,7 +17,7 @@ build's own wall time (from opening the index to the last commit, model load and
 The vectors the cxr build wrote are also scored (mAP@10 on the dev set, cosine to the fp32 reference of
 benchmark 2): that is the quality check of the default mode, on the production code path.
 
-    python -m benchmarks.bench_build [--quick] [--limit N]
+    python -m benchmarks.bench_build [--quick] [--limit N] [--mode channels_last]
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def score_index(index: Path, images: Path, labels: Path) -> dict | None:
     return out
 
 
-def run(quick: bool = False, limit: int | None = None, embed_images: int | None = None) -> dict:
+def run(quick: bool = False, limit: int | None = None, embed_images: int | None = None, score: bool = True) -> dict:
     cxr = shared_data() / "cxr"
     if not (cxr / "labels.csv").exists():
         return {"machine": machine(), "skipped": f"no dev set at {cxr}"}
@@ -282,8 +282,10 @@ def run(quick: bool = False, limit: int | None = None, embed_images: int | None 
         results[name] = {**built, "embed_only_before": before, "embed_only_after": after,
                          "embed_only_images_per_s": round(reference, 3),
                          "ratio_end_to_end_to_embed_only": round(built["images_per_s"] / reference, 3)}
-    say("scoring the vectors of the cxr build (default mode)")
-    quality = score_index(WORK / "index-cxr", source_cxr, labels_cxr)
+    quality = None
+    if score:
+        say("scoring the vectors of the cxr build (default mode)")
+        quality = score_index(WORK / "index-cxr", source_cxr, labels_cxr)
     return {"machine": machine(), "load_average_before": load_before, "load_average_after": load_average(),
             "export": export, "workers": max(1, min(8, (os.cpu_count() or 2) - 1)),
             "embed_only_images": len(sample), "builds": results, "default_mode_quality": quality,
@@ -294,8 +296,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--limit", type=int, help="only the first N labelled images")
+    parser.add_argument("--mode", help="embedding mode for build-index and embed-only (MEDSIM_EMBED_MODE); writes "
+                        "results/build_MODE.json, shown beside the default mode's results")
     args = parser.parse_args(argv)
-    path = write_result("build", run(args.quick, args.limit))
+    if args.mode:
+        os.environ["MEDSIM_EMBED_MODE"] = args.mode
+    path = write_result(f"build_{args.mode}" if args.mode else "build", run(args.quick, args.limit, score=not args.mode))
     say(f"wrote {path}")
     return 0
 

@@ -248,7 +248,7 @@ def section_embed(embed: dict | None) -> list[str]:
     return out
 
 
-def section_build(build: dict | None) -> list[str]:
+def section_build(build: dict | None, others: list[dict] | None = None) -> list[str]:
     out = ["## 3. Build-index end to end", ""]
     if not build:
         return out + ["Not run yet (`python -m benchmarks --only build`).", ""]
@@ -270,6 +270,15 @@ def section_build(build: dict | None) -> list[str]:
     out += [_table(["source", "images", "build s", "end-to-end img/s", "embed-only img/s", "ratio",
                     "load (1 min)", "mode printed by build-index"], rows), "",
             "![build](images/perf-build.png)", ""]
+    for other in others or []:
+        mode = other["builds"]["cxr"]["printed_mode"]
+        out += [f"With another embedding mode (`python -m benchmarks.bench_build --mode "
+                f"{mode.split(' ')[0]} --limit {other['settings']['limit']}`, {_machine_line(other)}):", "",
+                _table(["source", "images", "build s", "end-to-end img/s", "embed-only img/s", "ratio", "mode"],
+                       [[name, r["indexed"], _f(r["build_seconds"], 0), _f(r["images_per_s"], 3),
+                         _f(r["embed_only_images_per_s"], 3),
+                         f"**{100 * r['ratio_end_to_end_to_embed_only']:.0f} %**", r.get("printed_mode") or "–"]
+                        for name, r in other["builds"].items()]), ""]
     disk = build["builds"].get("cxr", {}).get("index_on_disk")
     if disk:
         out += ["Index on disk after the cxr build: " + ", ".join(
@@ -472,7 +481,8 @@ def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes
     lines += goals(embed, build, search)
     if notes:
         lines += [notes.strip(), ""]
-    lines += section_decode(decode) + section_embed(embed) + section_build(build) + section_search(search)
+    others = [_load(p.stem, results) for p in sorted(results.glob("build_*.json"))]
+    lines += section_decode(decode) + section_embed(embed) + section_build(build, others) + section_search(search)
     lines += section_service(service) + section_gpu(gpu)
     lines += ["## Reproduce", "",
               "    pip install -e '.[bench]'                 # faiss-cpu and matplotlib",

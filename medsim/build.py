@@ -122,9 +122,13 @@ def _process_chunk(paths, root, policy, spec) -> list[Outcome]:
 
 
 def _init_worker() -> None:
+    """One torch thread per decoding process (the cores belong to the embedder), and no MONAI metadata tracking:
+    workers only need the arrays (same numbers, a third less preprocessing time)."""
     import torch
+    from monai.data import set_track_meta
 
     torch.set_num_threads(1)
+    set_track_meta(False)
 
 
 def build_index(source: str | Path, index_path: str | Path, bundle, labels: LabelTable | None = None,
@@ -141,7 +145,6 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
     try:
-        writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates)
         files, unreadable_dirs = walk(source)
         if labels is not None and labels.source:  # the labels file may sit inside the export; it is metadata
             files = [f for f in files if str(f.resolve()) != str(Path(labels.source).resolve())]
@@ -164,8 +167,13 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
             else:
                 todo.append(str(file))
         task = partial(_process_chunk, root=str(source), policy=policy, spec=bundle.preprocess)
-        executor = _process_pool(workers) if workers > 0 else None
-        writer.consume(pooled(task, _chunks(todo, chunk_size), executor, 2 * workers + 2), len(todo), progress)
+        outcomes = Pooled(task, _chunks(todo, chunk_size), _process_pool(workers) if workers > 0 else None,
+                          2 * workers + 2)
+        try:  # the workers start and decode while the model loads
+            IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates).consume(outcomes, len(todo),
+                                                                                            progress)
+        finally:
+            outcomes.close()
         report.total_cases = len(index)
     finally:
         index.close()
@@ -273,29 +281,42 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
                                initializer=_init_worker)
 
 
-def pooled(task, chunks, executor: Executor | None, max_in_flight: int):
-    """Outcomes of ``task(chunk)`` for every chunk, with at most ``max_in_flight`` chunks queued on ``executor``
-    (in completion order), or in order in this process when ``executor`` is None."""
-    if executor is None:
-        for chunk in chunks:
-            yield from task(chunk)
-        return
-    with executor as pool:
-        in_flight = set()
-        queue = iter(chunks)
-        try:
-            while True:
-                while len(in_flight) < max_in_flight:
-                    chunk = next(queue, None)
-                    if chunk is None:
-                        break
-                    in_flight.add(pool.submit(task, chunk))
-                if not in_flight:
-                    return
-                done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    yield from future.result()
-        except BaseException:
-            for future in in_flight:
+class Pooled:
+    """Outcomes of ``task(chunk)`` for every chunk, with at most ``max_in_flight`` chunks queued on ``executor`` (in
+    completion order), or in order in this process when ``executor`` is None. The first chunks are submitted at
+    construction, so worker processes start and decode while the caller loads its model."""
+
+    def __init__(self, task, chunks, executor: Executor | None, max_in_flight: int):
+        self.task, self.executor, self.max_in_flight = task, executor, max(1, max_in_flight)
+        self._queue = iter(chunks)
+        self._in_flight: set = set()
+        if executor is not None:
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self._in_flight) < self.max_in_flight:
+            chunk = next(self._queue, None)
+            if chunk is None:
+                return
+            self._in_flight.add(self.executor.submit(self.task, chunk))
+
+    def __iter__(self):
+        if self.executor is None:
+            for chunk in self._queue:
+                yield from self.task(chunk)
+            return
+        while True:
+            self._fill()
+            if not self._in_flight:
+                return
+            done, self._in_flight = wait(self._in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield from future.result()
+
+    def close(self) -> None:
+        """Cancel what has not started and stop the workers (also after Ctrl-C or an error)."""
+        if self.executor is not None:
+            for future in self._in_flight:
                 future.cancel()
-            raise
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None

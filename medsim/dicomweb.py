@@ -454,7 +454,7 @@ def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=N
     Returns a :class:`medsim.build.BuildReport`."""
     from functools import partial
 
-    from medsim.build import BuildReport, IndexWriter, _chunks, _process_pool, default_workers, pooled
+    from medsim.build import BuildReport, IndexWriter, Pooled, _chunks, _process_pool, default_workers
     from medsim.index import CaseIndex
 
     started = time.perf_counter()
@@ -467,7 +467,6 @@ def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=N
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
     try:
-        writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates)
         known = index.known_files()
         todo: list[InstanceRef] = []
         for ref in client.chest_instances(policy):
@@ -480,8 +479,12 @@ def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=N
         executor = _process_pool(workers) if workers > 0 else ThreadPoolExecutor(max_workers=4)
         with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as tmp:
             task = partial(_fetch_chunk, client=client, folder=tmp, policy=policy, spec=bundle.preprocess)
-            writer.consume(pooled(task, _chunks(todo, chunk_size), executor, 2 * max(workers, 3) + 2), len(todo),
-                           progress)
+            outcomes = Pooled(task, _chunks(todo, chunk_size), executor, 2 * max(workers, 3) + 2)
+            try:  # the first instances are fetched while the model loads
+                IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates).consume(outcomes, len(todo),
+                                                                                                progress)
+            finally:
+                outcomes.close()
         report.total_cases = len(index)
     finally:
         index.close()

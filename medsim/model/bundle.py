@@ -37,6 +37,7 @@ import copy
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -57,6 +58,8 @@ from medsim.model.network import (
     state_dict_content_sha256,
 )
 from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 BUNDLE_JSON = "bundle.json"
@@ -424,7 +427,8 @@ class Embedder:
         self.device = torch.device(device)
         self.int8 = int8  # medsim.model.quantize.Int8Calibration of the bundle, or None
         approved = bool(int8 is not None and int8.approved)
-        self.mode = default_embed_mode(self.device, approved) if mode in (None, "", "auto") else str(mode)
+        automatic = mode in (None, "", "auto")
+        self.mode = default_embed_mode(self.device, approved) if automatic else str(mode)
         if self.mode not in EMBED_MODES:
             raise ValueError(f"unknown embedding mode {mode!r}; known: {', '.join(EMBED_MODES)} or auto")
         # channels_last: oneDNN's faster convolution layout on CPU (same results to ~1e-7).
@@ -439,7 +443,15 @@ class Embedder:
             if int8 is None:
                 raise ValueError(f"model {name or '?'} carries no int8 calibration images (bundles written by "
                                  f"`medsim train` do); use channels_last or fp32")
-            self._int8_features = quantized_features(self.network.features, int8, spec)
+            try:
+                self._int8_features = quantized_features(self.network.features, int8, spec)
+            except Exception as exc:
+                if not automatic:
+                    raise
+                # e.g. a torch without the quantised kernels: the float path gives the same ranking
+                log.warning("medsim: int8 is unavailable here (%s); embedding in float32 (channels-last)", exc)
+                self.mode, self._memory_format = "channels_last", torch.channels_last
+                self.network = self.network.to(memory_format=torch.channels_last)
         self.spec = spec
         self.spec_fingerprint = spec.fingerprint
         self.batch_size = int(batch_size)

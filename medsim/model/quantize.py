@@ -9,15 +9,17 @@ normalisation stay float32. A bundle offers int8 only when it carries both
 * ``extra.int8``: the check made when it was written -- validation mAP@10 with int8 against float32 through the
   same ``Embedder`` -- and int8 is its default only if that check lost at most ``MAX_MAP_LOSS``.
 
-`medsim train` writes both. The quantised network is deterministic given the calibration images; it is cached under
+`medsim train` writes both. The quantised network is deterministic given the calibration images; it is cached (frozen TorchScript) under
 ``$MEDSIM_HOME/cache/int8`` so that a process start does not recalibrate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,24 @@ def save_calibration(bundle_dir: Path, pixels: np.ndarray) -> None:
     (Path(bundle_dir) / CALIBRATION_FILE).write_bytes(buffer.getvalue())
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Hide what torch's C++ code writes to stderr meanwhile: loading quantised tensors prints a deprecation notice
+    (torch >= 2.12) that Python's warnings filters cannot reach, on every start of every command."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def _qconfig_mapping():
     from torch.ao.quantization import QConfig, QConfigMapping
     from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
@@ -100,8 +120,9 @@ def _convert(features: torch.nn.Module, calibration: torch.Tensor) -> torch.nn.M
 
 def quantized_features(features: torch.nn.Module, calibration: Int8Calibration, spec: PreprocessSpec
                        ) -> torch.nn.Module:
-    """The int8 version of ``features`` (a copy; ``features`` is left as it is), from the cache when it has it
-    (keyed by the weights' content, the calibration images, torch's version and the CPU's VNNI)."""
+    """The int8 version of ``features`` (``features`` is left as it is) as a frozen TorchScript module, from the
+    cache when it has it (keyed by the weights' content, the calibration images, torch's version and the CPU's
+    VNNI): loading it takes ~0.1 s where calibrating takes ~10 s, and freezing fuses it (~8 % faster)."""
     import copy
 
     from medsim.model.network import state_dict_content_sha256
@@ -109,26 +130,33 @@ def quantized_features(features: torch.nn.Module, calibration: Int8Calibration, 
 
     if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
         raise RuntimeError(f"int8 needs the x86 quantised engine; this torch uses {torch.backends.quantized.engine!r}")
-    reduce = "rr" if not integer_dot_product_cpu() else "vnni"
     weights = state_dict_content_sha256(features.state_dict())
+    reduce = "rr" if not integer_dot_product_cpu() else "vnni"
     key = hashlib.sha256(f"{weights}|{calibration.sha256}|{torch.__version__}|{reduce}".encode()).hexdigest()[:24]
-    cache = medsim_home() / "cache" / "int8" / f"{key}.pt"
-    size = spec.image_size
+    cache = medsim_home() / "cache" / "int8" / f"{key}.ts"
     if cache.is_file():
         try:
-            module = _convert(copy.deepcopy(features), torch.zeros(1, 3, size, size))  # the structure
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's TypedStorage notice when it loads quantised tensors
-                module.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
-            return module
+            with warnings.catch_warnings(), _quiet_native_stderr():
+                warnings.simplefilter("ignore")  # torch's deprecation notices (TorchScript, quantised tensors)
+                return torch.jit.load(str(cache), map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001 - a stale or broken cache is rebuilt, never fatal
             log.warning("medsim: int8 cache %s is unusable (%s); recalibrating", cache, exc)
-    module = _convert(copy.deepcopy(features), torch.from_numpy(calibration.inputs(spec)))
+    inputs = torch.from_numpy(calibration.inputs(spec))
+    module = _convert(copy.deepcopy(features), inputs)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            frozen = torch.jit.freeze(torch.jit.trace(module, inputs[:1]).eval())
+    except Exception as exc:  # noqa: BLE001 - a torch without TorchScript still runs the FX module, uncached
+        log.warning("medsim: TorchScript could not freeze the int8 network (%s); using it unfrozen", exc)
+        return module
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(module.state_dict(), tmp)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.save(frozen, str(tmp))
         tmp.replace(cache)
     except OSError as exc:
         log.warning("medsim: could not cache the int8 network at %s (%s)", cache, exc)
-    return module
+    return frozen
