@@ -285,7 +285,17 @@ def section_build(build: dict | None, others: list[dict] | None = None) -> list[
             f"`{name}` {v['bytes_per_case']:.0f} B per case" for name, v in sorted(disk.items()))
             + " (the catalog row holds the float32 vector, UIDs, labels, path and attributes).", ""]
     q = build.get("default_mode_quality")
-    if q and "mAP@10" in q:
+    if q and q.get("bundle_int8_check"):
+        c, b = q["bundle_int8_check"], q.get("bundle", {})
+        out += [f"Quality of the default mode: the build used the trained bundle `{b.get('name')}` "
+                f"({b.get('fingerprint')}), whose own check (written by `medsim train`, on its "
+                f"{c['validation_images']} validation images, which it never trained on) gives mAP@10 "
+                f"**{c['mAP@10_int8']:.4f}** in int8 against {c['mAP@10_fp32']:.4f} in float32 (Δ "
+                f"{c['delta_mAP@10']:+.4f}; NIH {c['nih_mAP@10_int8']:.4f} against {c['nih_mAP@10_fp32']:.4f}); "
+                f"cosine of int8 to float32 vectors min {c['cosine_int8_to_fp32']['min']:.4f}, mean "
+                f"{c['cosine_int8_to_fp32']['mean']:.4f}. (The mAP@10 of this build's vectors over the whole dev "
+                f"set, {q['mAP@10']:.4f}, includes the bundle's training images and says nothing about quality.)", ""]
+    elif q and "mAP@10" in q:
         line = (f"Quality of the default mode on the production path (the vectors this build wrote, "
                 f"{q['images']} images): mAP@10 **{q['mAP@10']:.4f}**")
         if "mAP@10_fp32" in q:
