@@ -12,6 +12,7 @@ thread, as the server asks), and queries/s batched (all queries in one call, all
 
     python -m benchmarks.bench_search [--quick] [--with-1m] [--sizes 10000,100000]
     python -m benchmarks.bench_search --sizes 1000000        # only the 1M run -> results/search_1m.json
+    python -m benchmarks.bench_search --sizes 1000000 --ms-1m 32   # another M at 1M, merged into that file
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import WORK, Timer, load_average, machine, percentile, say, write_result
+from benchmarks.common import RESULTS, WORK, Timer, load_average, machine, percentile, say, write_result
 
 DIM = 512
 K = 10
@@ -238,7 +239,8 @@ def _worker(argv) -> int:
     return 0
 
 
-def run(quick: bool = False, with_1m: bool = False, sizes=None, n_queries: int | None = None) -> dict:
+def run(quick: bool = False, with_1m: bool = False, sizes=None, n_queries: int | None = None,
+        large_ms: tuple[int, ...] = (16,)) -> dict:
     threads = os.cpu_count() or 1
     if sizes is None:
         sizes = [10_000] if quick else [10_000, 100_000]
@@ -270,8 +272,8 @@ def run(quick: bool = False, with_1m: bool = False, sizes=None, n_queries: int |
         np.save(data / "base.npy", base)
         np.save(data / "queries.npy", queries)
         np.save(data / "truth.npy", truth)
-        large = n >= 1_000_000  # a 1M graph takes ~10+ minutes per configuration on 2 cores: one M, no faiss HNSW
-        for M in (Ms if not large else (16,)):
+        large = n >= 1_000_000  # a 1M graph takes 15+ minutes per configuration on 2 cores: few Ms, no faiss HNSW
+        for M in (Ms if not large else large_ms):
             entry["hnswlib"].append(in_fresh_process(data, "hnswlib", M, efs, n_queries, threads))
         try:
             import faiss  # noqa: F401 - only whether it is installed
@@ -326,10 +328,22 @@ def main(argv=None) -> int:
     parser.add_argument("--with-1m", action="store_true")
     parser.add_argument("--sizes", help="comma-separated, e.g. 10000,100000")
     parser.add_argument("--queries", type=int)
+    parser.add_argument("--ms-1m", default="16", help="hnswlib M values built at 1M (default: 16); configurations "
+                        "measured earlier at 1M and not rebuilt are kept in results/search_1m.json")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
     if sizes == [1_000_000]:
-        path = write_result("search_1m", run(sizes=sizes, n_queries=args.queries))
+        ms = tuple(int(m) for m in args.ms_1m.split(","))
+        result = run(sizes=sizes, n_queries=args.queries, large_ms=ms)
+        earlier = RESULTS / "search_1m.json"
+        if earlier.exists():  # keep the other Ms of an earlier 1M run (same generator and seed: same vectors)
+            import json
+
+            kept = [c for c in json.loads(earlier.read_text())["sizes"][-1]["hnswlib"] if c.get("M") not in ms]
+            entry = result["sizes"][-1]
+            entry["hnswlib"] = sorted(kept + entry["hnswlib"], key=lambda c: c.get("M", 0))
+            result["goal"] = goal_check(result["sizes"])
+        path = write_result("search_1m", result)
     else:
         path = write_result("search", run(args.quick, False, sizes, args.queries))
         if args.with_1m:  # its own file (docs/performance.md merges the two)
