@@ -29,7 +29,7 @@ from benchmarks.common import RESULTS, WORK, Timer, load_average, machine, perce
 DIM = 512
 K = 10
 EF_CONSTRUCTION = 200
-MEDSIM_DEFAULT = {"M": 32, "ef_construction": 200, "ef": 128}  # medsim.index.CaseIndex.create
+MEDSIM_DEFAULT = {"M": 32, "ef_construction": 200, "ef": 64}  # medsim.index.CaseIndex.create
 
 
 def spectrum(dim: int) -> np.ndarray:

@@ -148,7 +148,7 @@ class CaseIndex:
 
     @classmethod
     def create(cls, path: str | Path, *, model_fingerprint: str, model_name: str, dim: int, model_path: str = "",
-               M: int = 32, ef_construction: int = 200, ef: int = 128) -> "CaseIndex":
+               M: int = 32, ef_construction: int = 200, ef: int = 64) -> "CaseIndex":
         """A new, empty index; refuses to overwrite an existing one."""
         path = Path(path)
         if (path / CATALOG).exists():
