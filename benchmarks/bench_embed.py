@@ -5,7 +5,7 @@ FLOP convention: one multiply-add counts as 2 FLOPs, for the model and for the G
 2 n^3 FLOPs). VGG-16 up to conv5_3 (medsim's embedding layer, the last max-pool and the classifier left out) at
 224 px is 15.35 G multiply-adds = 30.7 GFLOP per image. Roofline (images/s) = measured GEMM FLOP/s / 30.7 GFLOP.
 
-Modes (``medsim.model.bundle.EMBED_MODES`` plus two measured only here, compile and jit):
+Modes (``medsim.model.embedder.EMBED_MODES`` plus two measured only here, compile and jit):
   fp32            float32, contiguous NCHW: the reference
   channels_last   float32, NHWC (oneDNN's preferred layout)
   bf16            bfloat16 autocast for the convolutions, pooling in float32 (native only with AVX512-BF16/AMX)
@@ -161,7 +161,7 @@ def make_runner(bundle, mode: str, calibration=None):
                 return frozen(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).numpy()
         return run, {"freeze_seconds": round(t.seconds, 1)}
     if mode == "int8":  # the Embedder's int8 mode, with the bundle's calibration or the sample images'
-        from medsim.model.bundle import Embedder
+        from medsim.model.embedder import Embedder
 
         calibration = calibration or bundle.int8_calibration() or sample_calibration(bundle.preprocess)
         with Timer() as t:

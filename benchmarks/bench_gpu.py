@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from medsim.model.bundle import Embedder, native_bf16
+    from medsim.model.embedder import Embedder, native_bf16
     from medsim.model.convert import synthetic_radiograph
     from medsim.model.network import build_network
     from medsim.preprocess import CAFFE_VGG16, PreparedImage

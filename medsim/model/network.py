@@ -43,9 +43,6 @@ class GlobalAvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(-2, -1))
 
-    def config(self) -> dict:
-        return {"type": "gap"}
-
 
 class GeM(nn.Module):
     """Generalised-mean pooling (Radenović et al., TPAMI 2019): (mean over space of x^p)^(1/p).
@@ -63,9 +60,6 @@ class GeM(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p)
-
-    def config(self) -> dict:
-        return {"type": "gem", "p": self.p}
 
     def extra_repr(self) -> str:
         return f"p={self.p}, eps={self.eps}"

@@ -9,13 +9,14 @@ normalisation stay float32. A bundle offers int8 only when it carries both
 * ``extra.int8``: the check made when it was written -- validation mAP@10 with int8 against float32 through the
   same ``Embedder`` -- and int8 is its default only if that check lost at most ``MAX_MAP_LOSS``.
 
-`medsim train` writes both. The quantised network is deterministic given the calibration images; it is cached (frozen TorchScript) under
-``$MEDSIM_HOME/cache/int8`` so that a process start does not recalibrate.
+`medsim train` writes both. The quantised network is deterministic given the calibration images; it is cached (frozen
+TorchScript) under ``$MEDSIM_HOME/cache/int8`` so that a process start does not recalibrate.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import logging
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medsim.files import medsim_home
+from medsim.model.network import state_dict_content_sha256
 from medsim.preprocess import PreprocessSpec, prepare
 
 log = logging.getLogger(__name__)
@@ -123,11 +126,6 @@ def quantized_features(features: torch.nn.Module, calibration: Int8Calibration, 
     """The int8 version of ``features`` (``features`` is left as it is) as a frozen TorchScript module, from the
     cache when it has it (keyed by the weights' content, the calibration images, torch's version and the CPU's
     VNNI): loading it takes ~0.1 s where calibrating takes ~10 s, and freezing fuses it (~8 % faster)."""
-    import copy
-
-    from medsim.model.network import state_dict_content_sha256
-    from medsim.model.weights import medsim_home
-
     if torch.backends.quantized.engine not in ("x86", "fbgemm", "onednn"):
         raise RuntimeError(f"int8 needs the x86 quantised engine; this torch uses {torch.backends.quantized.engine!r}")
     weights = state_dict_content_sha256(features.state_dict())

