@@ -55,6 +55,8 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim.files import sha256_file
+
 # Bump whenever the produced content changes; an existing output with another
 # version is rebuilt.
 CONTENT_VERSION = "2"
@@ -121,7 +123,7 @@ def fetch_wheel(cache: Path) -> Path:
     """Download the wheel (no deps, never installed) unless it is cached."""
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / WHEEL_NAME
-    if wheel.is_file() and _sha256_file(wheel) == WHEEL_SHA256:
+    if wheel.is_file() and sha256_file(wheel) == WHEEL_SHA256:
         log(f"using cached {wheel}")
         return wheel
     if wheel.is_file():
@@ -136,18 +138,10 @@ def fetch_wheel(cache: Path) -> Path:
         raise RuntimeError(
             f"pip download failed (rc={proc.returncode}); put {WHEEL_NAME} into {cache} by hand.\n"
             f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    digest = _sha256_file(wheel)
+    digest = sha256_file(wheel)
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256}")
     return wheel
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def label_and_patient(name: str) -> tuple[str, str]:
@@ -194,7 +188,7 @@ def load_sources(wheel: Path) -> tuple[list[Source], dict]:
         "package": PACKAGE,
         "version": PACKAGE_VERSION,
         "wheel": WHEEL_NAME,
-        "wheel_sha256": _sha256_file(wheel),
+        "wheel_sha256": sha256_file(wheel),
         "image_dir_in_wheel": WHEEL_IMAGE_DIR,
         "license_in_metadata": (meta.get("License") or [None])[0],
         "license_classifiers": [c for c in meta.get("Classifier", []) if c.startswith("License")],

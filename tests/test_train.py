@@ -113,7 +113,7 @@ def test_the_bundle_carries_int8_calibration_and_its_check(trained, tiny):
     validation split; int8 is the bundle's default only where that check passed, and it agrees with float32 on
     real radiographs. A bundle without calibration (ImageNet) refuses int8 with a reason."""
     from medsim.ingest import read_any
-    from medsim.model.bundle import default_embed_mode
+    from medsim.model.embedder import default_embed_mode
     from medsim.model.quantize import CALIBRATION_FILE, MAX_MAP_LOSS
 
     bundle = ModelBundle.load(trained)
@@ -142,9 +142,9 @@ def test_build_index_accepts_the_bundle(trained, tiny, tmp_path, capsys):
     index = tmp_path / "index"
     assert main(["build-index", str(tiny), "--labels", str(tiny / "labels.csv"), "--index", str(index),
                  "--model", str(trained), "--workers", "0", "--no-progress"]) == 0
-    from medsim.index import open_index
+    from medsim.index import CaseIndex
 
-    with open_index(index) as opened:
+    with CaseIndex.open(index) as opened:
         stats = opened.stats()
     assert stats["model"]["fingerprint"] == ModelBundle.load(trained).fingerprint
     assert stats["cases"] == 18

@@ -10,7 +10,7 @@ from medsim.train.objectives import OBJECTIVES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from medsim.train.run import TRAIN_LAYERS, TrainConfig
+    from medsim.train.config import TRAIN_LAYERS, TrainConfig
 
     d = TrainConfig(images="", labels="", out="")
     parser.add_argument("--images", type=Path, required=True, help="folder of labeled images (DICOM/PNG/JPEG)")
@@ -78,14 +78,13 @@ def command(args) -> int:
     import torch
 
     from medsim.model import default_bundle_path
+    from medsim.train.config import TrainConfig, TrainError
     from medsim.train.data import parse_label_map
-    from medsim.train.run import TrainConfig, Trainer
+    from medsim.train.run import Trainer
 
     try:
         import ignite  # noqa: F401
     except ImportError:
-        from medsim.train.run import TrainError
-
         raise TrainError("medsim train needs pytorch-ignite (MONAI's training engine): pip install 'medsim[train]'")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,8 +103,6 @@ def command(args) -> int:
         trainer = Trainer(config, resume=args.resume, restart=args.restart, overwrite=args.overwrite,
                           progress=not args.no_progress)
     except ValueError as exc:
-        from medsim.train.run import TrainError
-
         raise TrainError(str(exc)) from None
     try:
         result = trainer.run()
@@ -120,9 +117,9 @@ def command(args) -> int:
           f"{result.validation.get('mAP@10', float('nan')):.3f} (ImageNet baseline "
           f"{result.baseline.get('mAP@10', float('nan')):.3f}); {result.wall_seconds / 60:.1f} min")
     if args.report:
-        from medsim.train.run import _clean
+        from medsim.files import json_safe
 
-        args.report.write_text(json.dumps(_clean({
+        args.report.write_text(json.dumps(json_safe({
             "bundle": result.bundle_path, "fingerprint": result.fingerprint, "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run, "validation": result.validation, "baseline": result.baseline,
             "wall_seconds": result.wall_seconds, "history": result.history, "run_dir": result.run_dir}), indent=2))

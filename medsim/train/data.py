@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.errors import MedsimError
+from medsim.files import sha256_file
 from medsim.ingest import LabelTable, walk
 
 NORMAL_LABEL = "No Finding"
@@ -83,14 +84,6 @@ class TrainSet:
         }
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dicom_sop_uid(path: Path) -> str | None:
     try:
         import pydicom
@@ -131,7 +124,7 @@ def load_train_set(images: str | Path, labels_csv: str | Path, *, label_map: Map
             no_patient += 1
             patient = f"file:{rel}"
         attributes = dict(row.attributes)
-        records.append(TrainRecord(path=str(file), rel_path=rel, sha256=_sha256_file(file), labels=labels,
+        records.append(TrainRecord(path=str(file), rel_path=rel, sha256=sha256_file(file), labels=labels,
                                    patient_id=patient, source=attributes.get("source", ""), view=row.view,
                                    license=attributes.get("license", attributes.get("licence", ""))))
     if not records:
@@ -287,3 +280,31 @@ def patient_split(records: Sequence[TrainRecord], validation_fraction: float = 0
     if not train:
         train.append(val.pop())
     return Split(seed, validation_fraction, tuple(sorted(train)), tuple(sorted(val)))
+
+
+@dataclass
+class SplitSet:
+    """A training set and its split: what one run trains on (``train_idx``) and validates on (``val_idx``)."""
+
+    train_set: TrainSet
+    split: Split
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+    @classmethod
+    def of(cls, train_set: TrainSet, split: Split) -> "SplitSet":
+        train_idx, val_idx = split.indices(train_set.records)
+        return cls(train_set, split, train_idx, val_idx)
+
+    @property
+    def vocabulary(self) -> list[str]:
+        return list(self.train_set.vocabulary)
+
+    @property
+    def validation_records(self) -> list[TrainRecord]:
+        return [self.train_set.records[i] for i in self.val_idx]
+
+    def label_frequency(self) -> dict[str, float]:
+        """Share of training images with each label of the vocabulary."""
+        frequency = self.train_set.targets(self.vocabulary)[self.train_idx].mean(0).tolist()
+        return dict(zip(self.vocabulary, frequency))

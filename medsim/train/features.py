@@ -7,11 +7,12 @@ trainable tail (block 5 or part of it, pooling, projection) -- 7-25x less comput
 
 Views: view 0 is the image as ``build-index`` will see it. Views 1..K are fixed random augmentations, drawn with
 MONAI transforms from a seed derived from the file's content hash, the view number and the augmentation seed, so
-every run (and a resumed run) sees the same augmented images: small rotation, isotropic scale, translation,
-gamma/contrast and brightness changes of the radiograph -- nothing that changes a finding (no flips: laterality
-matters; no crops that cut off lung bases or apices; no elastic warps of the heart or mediastinum). Training draws
-one view per image per epoch and applies a further small random shift/scale to the cached activation map (MONAI
-``RandAffined`` on the 14 x 14 feature grid), so augmentation still varies from epoch to epoch.
+every run (and a resumed run) sees the same augmented images (:class:`medsim.train.transforms.TrunkInputd`): small
+rotation, isotropic scale, translation, gamma/contrast and brightness changes of the radiograph -- nothing that
+changes a finding (no flips: laterality matters; no crops that cut off lung bases or apices; no elastic warps of the
+heart or mediastinum). Training draws one view per image per epoch and applies a further small random
+rotation/shift/scale to the cached activation maps (:class:`medsim.train.transforms.RandFeatureJitter` on the 14 x 14
+feature grid), so augmentation still varies from epoch to epoch.
 
 Keys: a cache folder is named by the trunk's weights, the preprocessing, the cut layer and the augmentation
 settings; a file by its content sha256 and view. Files are written atomically, so an interrupted run keeps what it
@@ -22,11 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,96 +34,10 @@ import torch
 from medsim.model.bundle import canonical_json
 from medsim.model.network import state_dict_content_sha256
 from medsim.preprocess import PreprocessSpec
+from medsim.train.transforms import AugmentSpec, TrunkInputd
 
 CACHE_FORMAT = 1
 POOL4_END = 24  # vgg16().features[:24]: blocks 1-4 with pool4
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    """Image-level augmentation of the cached views (radiograph in [0, 1], before letterboxing)."""
-
-    rotate_degrees: float = 7.0
-    scale: float = 0.08  # isotropic zoom in [1 - scale, 1 + scale]
-    translate: float = 0.05  # fraction of the image side
-    gamma: tuple[float, float] = (0.8, 1.25)
-    brightness: float = 0.08  # additive shift, fraction of the range
-    contrast: float = 0.10  # multiplicative, around the image mean
-    seed: int = 0
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["gamma"] = list(self.gamma)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "AugmentSpec":
-        data = dict(data)
-        data["gamma"] = tuple(data.get("gamma", (0.8, 1.25)))
-        return cls(**data)
-
-
-def load_radiograph(path: str, root: str | None = None) -> np.ndarray:
-    """(H, W) float32 [0, 1] display-ready pixels, as `build-index` reads them."""
-    from medsim.ingest import read_any
-
-    return read_any(path, root=root).pixels
-
-
-def augment_transform(aug: AugmentSpec, shape: tuple[int, int]):
-    """The MONAI pipeline of one augmented view of an (H, W) = ``shape`` image: (1, H, W) [0, 1] -> same."""
-    from monai.transforms import (
-        Compose,
-        RandAdjustContrast,
-        RandAffine,
-        RandScaleIntensityFixedMean,
-        RandShiftIntensity,
-        ScaleIntensityRange,
-    )
-
-    h, w = shape
-    return Compose([
-        RandAffine(prob=1.0, rotate_range=(math.radians(aug.rotate_degrees),), scale_range=(aug.scale, aug.scale),
-                   translate_range=(aug.translate * h, aug.translate * w), padding_mode="zeros", mode="bilinear"),
-        RandAdjustContrast(prob=1.0, gamma=aug.gamma),
-        RandScaleIntensityFixedMean(prob=1.0, factors=aug.contrast),
-        RandShiftIntensity(prob=1.0, offsets=aug.brightness),
-        ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
-    ])
-
-
-def view_seed(sha256: str, view: int, aug_seed: int) -> int:
-    return int(hashlib.sha256(f"{sha256}:{view}:{aug_seed}".encode()).hexdigest()[:8], 16)
-
-
-class ViewTransform:
-    """MONAI-style map transform: {"path", "sha256", "view"} -> adds "input" (3, S, S) float32 for the trunk.
-
-    Deterministic for a given item (the augmentation of view k > 0 is seeded by the item), so it may sit in a
-    cached dataset."""
-
-    def __init__(self, spec: PreprocessSpec, aug: AugmentSpec, root: str | None = None):
-        self.spec = spec
-        self.aug = aug
-        self.root = root
-        self._prepare = spec.transform()
-        from monai.transforms import Resize
-
-        self._resize = Resize(spatial_size=spec.image_size, size_mode="longest", mode="area")
-
-    def __call__(self, item: Mapping) -> dict:
-        pixels = load_radiograph(item["path"], self.root)
-        if int(item["view"]) > 0:
-            # Augment at the model's scale (the spec's own letterbox resize, done first), not at full resolution:
-            # the same view, 5-20x cheaper; the spec's Resize is then a no-op.
-            small = self._resize(pixels[None].astype(np.float32))
-            pixels = np.asarray(small.detach().cpu().numpy() if torch.is_tensor(small) else small, np.float32)[0]
-            augment = augment_transform(self.aug, pixels.shape)
-            augment.set_random_state(seed=view_seed(item["sha256"], int(item["view"]), self.aug.seed))
-            out = augment(pixels[None].astype(np.float32))
-            pixels = np.asarray(out.detach().cpu().numpy() if torch.is_tensor(out) else out, dtype=np.float32)[0]
-        array = np.ascontiguousarray(self._prepare(pixels.astype(np.float32)), dtype=np.float32)
-        return {**item, "input": torch.from_numpy(array)}
 
 
 class TrunkCache:
@@ -139,11 +52,9 @@ class TrunkCache:
         self.aug = aug
         self.cut = cut
         base = {"format": CACHE_FORMAT, "trunk": trunk_id, "cut": cut, "preprocess": spec.to_dict()}
-        self.key_doc = {**base, "augment": aug.to_dict()}
         # View 0 (no augmentation) does not depend on the augmentation settings: its own folder.
         self.clean_dir = self._folder(Path(root), base)
-        self.aug_dir = self._folder(Path(root), self.key_doc)
-        self.dir = self.aug_dir
+        self.aug_dir = self._folder(Path(root), {**base, "augment": aug.to_dict()})
 
     @staticmethod
     def _folder(root: Path, doc: dict) -> Path:
@@ -174,7 +85,8 @@ class TrunkCache:
         todo = self.missing(items)
         if not todo:
             return 0
-        dataset = Dataset(data=todo, transform=ViewTransform(self.spec, self.aug, root))
+        dataset = Dataset(data=[{**item, "input": item["path"]} for item in todo],
+                          transform=TrunkInputd("input", self.spec, self.aug, root))
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0,
                             collate_fn=_collate_inputs)
         device = torch.device(device)
@@ -190,14 +102,6 @@ class TrunkCache:
                 if progress is not None:
                     progress(done, len(todo), time.perf_counter() - t0)
         return done
-
-    def load(self, items: Sequence[Mapping]) -> np.ndarray:
-        """(N, C, h, w) float16 for ``items`` (all must be cached)."""
-        first = np.load(self.file(items[0]["sha256"], int(items[0]["view"])))
-        out = np.empty((len(items),) + first.shape, dtype=np.float16)
-        for i, it in enumerate(items):
-            out[i] = first if i == 0 else np.load(self.file(it["sha256"], int(it["view"])))
-        return out
 
 
 def _collate_inputs(batch: list[dict]) -> dict:

@@ -17,9 +17,11 @@ Objectives (``--objective``, summed with their weights):
 
 from __future__ import annotations
 
+import base64
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +68,33 @@ class RetrievalNet(nn.Module):
         emb = self.embed(x)
         logits = self.scale * emb @ F.normalize(self.class_weight, dim=1).T + self.class_bias
         return {"embedding": emb, "logits": logits}
+
+    def classifier_json(self, vocabulary: Sequence[str]) -> dict:
+        """The cosine classifier as a bundle stores it (``extra.classifier``)."""
+        return {"type": "cosine", "scale": self.scale, "vocabulary": list(vocabulary),
+                "weight": encode_tensor(F.normalize(self.class_weight, dim=1)), "bias": encode_tensor(self.class_bias)}
+
+    def load_classifier(self, classifier: Mapping | None, vocabulary: Sequence[str]) -> None:
+        """Start from a bundle's classifier (:meth:`classifier_json`) when it is over the same vocabulary."""
+        if not classifier or classifier.get("vocabulary") != list(vocabulary):
+            return
+        weight = decode_tensor(classifier["weight"])
+        if weight.shape == self.class_weight.shape:
+            with torch.no_grad():
+                self.class_weight.copy_(weight)
+                self.class_bias.copy_(decode_tensor(classifier["bias"]))
+
+
+def encode_tensor(t: torch.Tensor) -> dict:
+    """A tensor as JSON: float32 bytes in base64, with the shape."""
+    a = t.detach().to("cpu", torch.float32).contiguous().numpy()
+    return {"dtype": "float32", "shape": list(a.shape), "base64": base64.b64encode(a.tobytes()).decode()}
+
+
+def decode_tensor(d: Mapping) -> torch.Tensor:
+    """The tensor :func:`encode_tensor` stored."""
+    a = np.frombuffer(base64.b64decode(d["base64"]), dtype=np.float32).reshape(d["shape"])
+    return torch.from_numpy(a.copy())
 
 
 def _pair_masks(labels: torch.Tensor, patients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

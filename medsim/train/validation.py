@@ -12,6 +12,7 @@ import numpy as np
 from medsim.evaluate import metrics as M
 
 NIH_SOURCE = "nih"
+K = 10  # the retrieval depth of validation (mAP@10 picks the best epoch)
 
 
 def _block(scores: np.ndarray, labels: Sequence[tuple[str, ...]], patients: Sequence[str], k: int,
@@ -117,3 +118,28 @@ def paired_difference(model: np.ndarray, baseline: np.ndarray, labels: Sequence[
         lo, hi = M.percentile_interval(samples)
         out[name] = {f"delta_mAP@{k}": M.mean_over_queries(diff), "ci95": [lo, hi], "queries": int(defined.sum())}
     return out
+
+
+def validation_report(embeddings: np.ndarray, records: Sequence, k: int = K) -> dict:
+    """:func:`retrieval_report` of the embeddings of ``records`` (training records: labels, patient_id, source)."""
+    return retrieval_report(embeddings, [r.labels for r in records], [r.patient_id for r in records],
+                            [r.source for r in records], k=k)
+
+
+def selection_score(report: dict, select: str, k: int = K) -> float:
+    """The number that picks the best epoch (``--select``: mAP@k on ``all`` validation images, on the ``nih``
+    images, or the ``mean`` of both); 0 when undefined (no validation query has a relevant case)."""
+    all_ = report.get(f"mAP@{k}")
+    nih = report.get("by_source", {}).get(NIH_SOURCE, {}).get(f"mAP@{k}")
+    if select == "all" or nih is None or not np.isfinite(nih):
+        value = all_
+    elif select == "nih":
+        value = nih
+    else:
+        value = 0.5 * (float(all_) + float(nih))
+    return float(value) if value is not None and np.isfinite(value) else 0.0
+
+
+def fmt(value) -> str:
+    """A metric for a progress line: 3 decimals, "-" when undefined."""
+    return "-" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.3f}"
