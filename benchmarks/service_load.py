@@ -136,11 +136,12 @@ def prepare_pacs(work: Path):
     """Self-contained set-up: Orthanc with the sample data, an index of most of it. Returns (orthanc, index, uids of
     indexed instances, uids of non-indexed instances, notes)."""
     sys.path.insert(0, str(ROOT))
-    from medsim.dicomweb import DicomWebClient, build_index_from_dicomweb
+    from medsim.build import build_index
+    from medsim.dicomweb import DicomWebClient
     from medsim.index import CaseIndex
     from medsim.ingest import LabelTable
     from medsim.model import resolve_bundle
-    from medsim.pacs import LocalOrthanc
+    from medsim.orthanc import LocalOrthanc
 
     if not (SAMPLE / "manifest.json").exists():
         subprocess.run([sys.executable, str(ROOT / "sample_data" / "build_sample_data.py"), "--out", str(SAMPLE)],
@@ -155,8 +156,8 @@ def prepare_pacs(work: Path):
     client.store_files(indexed)
     labels = LabelTable.from_csv(SAMPLE / "labels.csv")
     t = time.perf_counter()
-    report = build_index_from_dicomweb(orthanc.dicomweb_url, work / "index", resolve_bundle(None), labels=labels,
-                                       workers=1, progress=False)
+    report = build_index(orthanc.dicomweb_url, work / "index", resolve_bundle(None), labels=labels, workers=1,
+                         progress=False)
     notes.append(f"index built over DICOMweb: {report.indexed} images in {time.perf_counter() - t:.1f} s")
     shared = sorted(SHARED_DICOM.glob("*.dcm")) if SHARED_DICOM.is_dir() else []
     stored = client.store_files(later + shared)
@@ -208,7 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "service.json")
     args = parser.parse_args(argv)
 
-    from medsim.pacs import free_port
+    from medsim.orthanc import free_port
 
     work = Path(tempfile.mkdtemp(prefix="medsim-load-"))
     orthanc, notes = None, []

@@ -1,4 +1,5 @@
-"""`medsim build-index`: source folder -> decoded, preprocessed tensors (worker processes) -> embeddings -> index.
+"""`medsim build-index`: source (folder or DICOMweb URL) -> decoded, preprocessed tensors (worker processes) ->
+embeddings -> index.
 
 Worker processes read and preprocess files while the main process embeds batches, so decoding hides behind the
 model. Every batch is committed to the catalog in one transaction together with the ledger rows of the files it
@@ -9,9 +10,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import tempfile
 import time
+import uuid
 from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -19,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from medsim.dicom import ChestPolicy
+from medsim.dicomweb import (DicomWebClient, InstanceRef, InstanceTooLarge, PacsError, PacsUnavailable,
+                             is_dicomweb_url)
 from medsim.errors import ReadFailure, SkipFile, short
 from medsim.index import Case, CaseIndex, FileRecord
 from medsim.ingest import LabelTable, read_any, walk
@@ -55,13 +61,18 @@ class BuildReport:
         return self.indexed / self.seconds if self.seconds > 0 else 0.0
 
     def summary_lines(self) -> list[str]:
+        """The summary, one line each; file names and details with undecodable bytes or control characters are
+        shown escaped (printable), so printing it never fails and a name never breaks a line."""
+        from medsim.index import printable
+
         lines = [f"indexed {self.indexed} new image(s); index now holds {self.total_cases} case(s)"]
         if self.unchanged:
             lines.append(f"unchanged since an earlier run (not re-read): {self.unchanged}")
         lines.append(f"skipped {sum(self.skipped.values())}" + _by_reason(self.skipped))
         lines.append(f"failed {sum(self.failed.values())}" + _by_reason(self.failed))
-        lines += [f"  FAILED {f.path}: {f.reason}: {f.detail}" for f in self.failures]
-        lines += [f"  DUPLICATE {d.path}: {d.detail}" for d in self.duplicates[:MAX_LISTED_DUPLICATES]]
+        lines += [f"  FAILED {printable(f.path)}: {printable(f.reason)}: {printable(f.detail)}" for f in self.failures]
+        lines += [f"  DUPLICATE {printable(d.path)}: {printable(d.detail)}"
+                  for d in self.duplicates[:MAX_LISTED_DUPLICATES]]
         if len(self.duplicates) > MAX_LISTED_DUPLICATES:
             lines.append(f"  ... and {len(self.duplicates) - MAX_LISTED_DUPLICATES} more duplicate(s) "
                          "(all in the index's file ledger and in --report)")
@@ -101,7 +112,7 @@ def process_file(path: str, root: str, policy: ChestPolicy, spec: PreprocessSpec
 
 
 def case_from_radiograph(radiograph, source_path: str) -> Case:
-    from medsim.duplicates import perceptual_hash_or_empty
+    from medsim.phash import perceptual_hash_or_empty
 
     attributes = {
         "photometric": radiograph.photometric, "transfer_syntax": radiograph.transfer_syntax,
@@ -133,21 +144,55 @@ def _init_worker() -> None:
 
 def build_index(source: str | Path, index_path: str | Path, bundle, labels: LabelTable | None = None,
                 policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
-                progress: bool = True, chunk_size: int = 4, skip_duplicates: bool = False) -> BuildReport:
-    """Index every new or changed image under ``source`` into ``index_path`` with ``bundle``'s model.
+                progress: bool = True, chunk_size: int = 4, skip_duplicates: bool = False,
+                client: DicomWebClient | None = None) -> BuildReport:
+    """Index every new or changed image of ``source`` into ``index_path`` with ``bundle``'s model.
 
+    source: a folder (every file below it), or a DICOMweb URL (every chest radiograph the server lists; ``client``
+    overrides the client made for the URL). Both go through the same runner, policy, ledger and writer.
     skip_duplicates: keep exact duplicates (decoded pixels equal to an indexed case's, or to a file read earlier in
     this run) out of the index; each is skipped with reason ``duplicate-pixels`` and listed in the report."""
+    if is_dicomweb_url(source):
+        images = _DicomWebSource(client or DicomWebClient(str(source)), policy)
+    else:
+        images = _FolderSource(Path(source).resolve(), policy, labels)
+    return _run(images, index_path, bundle, labels, workers, batch_size, progress, chunk_size, skip_duplicates)
+
+
+def _run(images, index_path, bundle, labels, workers, batch_size, progress, chunk_size,
+         skip_duplicates) -> BuildReport:
+    """The one build loop: list what is new → read/preprocess in workers → embed and commit in batches."""
     started = time.perf_counter()
     report = BuildReport()
-    source = Path(source).resolve()
     workers = default_workers() if workers is None else max(0, workers)
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
     try:
-        files, unreadable_dirs = walk(source)
-        if labels is not None and labels.source:  # the labels file may sit inside the export; it is metadata
-            files = [f for f in files if str(f.resolve()) != str(Path(labels.source).resolve())]
+        todo = images.pending(index, report)
+        with images.task(bundle.preprocess) as task:
+            outcomes = Pooled(task, _chunks(todo, chunk_size), images.executor(workers), images.in_flight(workers))
+            try:  # the workers start and decode while the model loads
+                writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates)
+                writer.consume(outcomes, len(todo), progress)
+            finally:
+                outcomes.close()
+        report.total_cases = len(index)
+    finally:
+        index.close()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _FolderSource:
+    """Every file below a folder; unchanged files (same size and mtime in the ledger) are not re-read."""
+
+    def __init__(self, folder: Path, policy: ChestPolicy, labels: LabelTable | None):
+        self.folder, self.policy, self.labels = folder, policy, labels
+
+    def pending(self, index: CaseIndex, report: BuildReport) -> list[str]:
+        files, unreadable_dirs = walk(self.folder)
+        if self.labels is not None and self.labels.source:  # the labels file may sit inside the export: metadata
+            files = [f for f in files if str(f.resolve()) != str(Path(self.labels.source).resolve())]
         failed_dirs = [FileRecord(str(p), 0, 0.0, "failed", "unreadable", why) for p, why in unreadable_dirs]
         index.record_files(failed_dirs)
         for record in failed_dirs:
@@ -166,19 +211,81 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
                 report.unchanged += 1
             else:
                 todo.append(str(file))
-        task = partial(_process_chunk, root=str(source), policy=policy, spec=bundle.preprocess)
-        outcomes = Pooled(task, _chunks(todo, chunk_size), _process_pool(workers) if workers > 0 else None,
-                          2 * workers + 2)
-        try:  # the workers start and decode while the model loads
-            IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates).consume(outcomes, len(todo),
-                                                                                            progress)
-        finally:
-            outcomes.close()
-        report.total_cases = len(index)
+        return todo
+
+    @contextmanager
+    def task(self, spec: PreprocessSpec):
+        yield partial(_process_chunk, root=str(self.folder), policy=self.policy, spec=spec)
+
+    def executor(self, workers: int) -> Executor | None:
+        return _process_pool(workers) if workers > 0 else None
+
+    def in_flight(self, workers: int) -> int:
+        return 2 * workers + 2
+
+
+class _DicomWebSource:
+    """Every chest radiograph a DICOMweb server lists (QIDO-RS), fetched by WADO-RS into a temporary folder, read
+    like a file and deleted. Ledger rows and ``source_path`` are the instance's WADO-RS URL, so a re-run retries only
+    failures and new instances."""
+
+    def __init__(self, client: DicomWebClient, policy: ChestPolicy):
+        reachable, detail = client.ping()
+        if not reachable:  # before an index is created for nothing
+            raise PacsUnavailable(detail)
+        self.client, self.policy = client, policy
+
+    def pending(self, index: CaseIndex, report: BuildReport) -> list[InstanceRef]:
+        known = index.known_files()
+        todo = []
+        for ref in self.client.chest_instances(self.policy):
+            entry = known.get(self.client.instance_url(ref.study_uid, ref.series_uid, ref.sop_uid))
+            if index.has_sop_uid(ref.sop_uid) or (entry is not None and entry[2] in ("indexed", "skipped")):
+                report.unchanged += 1
+            else:
+                todo.append(ref)
+        return todo
+
+    @contextmanager
+    def task(self, spec: PreprocessSpec):
+        with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as folder:
+            yield partial(_fetch_chunk, client=self.client, folder=folder, policy=self.policy, spec=spec)
+
+    def executor(self, workers: int) -> Executor:
+        # fetching is I/O: without worker processes, threads of this process still overlap the requests
+        return _process_pool(workers) if workers > 0 else ThreadPoolExecutor(max_workers=4)
+
+    def in_flight(self, workers: int) -> int:
+        return 2 * max(workers, 3) + 2
+
+
+def fetch_and_process(client: DicomWebClient, ref: InstanceRef, folder: str, policy: ChestPolicy,
+                      spec: PreprocessSpec) -> Outcome:
+    """Fetch one instance into ``folder``, read and preprocess it, delete the file. Runs in a worker (process or
+    thread); never raises for bad input. The ledger row is keyed by the instance's WADO-RS URL and the case's
+    ``source_path`` is set to it."""
+    url = client.instance_url(ref.study_uid, ref.series_uid, ref.sop_uid)
+    try:
+        data = client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
+    except InstanceTooLarge as exc:
+        return Outcome(FileRecord(url, 0, 0.0, "failed", "too-large", str(exc)))
+    except PacsError as exc:
+        return Outcome(FileRecord(url, 0, 0.0, "failed", "unreadable", f"WADO-RS: {exc}"))
+    path = Path(folder) / f"{uuid.uuid4().hex}.dcm"
+    try:
+        path.write_bytes(data)
+        outcome = process_file(str(path), folder, policy, spec)
     finally:
-        index.close()
-    report.seconds = time.perf_counter() - started
-    return report
+        path.unlink(missing_ok=True)
+    record = outcome.record
+    outcome.record = FileRecord(url, len(data), 0.0, record.status, record.reason, record.detail, record.sop_uid)
+    if outcome.case is not None:
+        outcome.case.source_path = url
+    return outcome
+
+
+def _fetch_chunk(refs, client, folder, policy, spec) -> list[Outcome]:
+    return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
 
 
 class IndexWriter:

@@ -1,4 +1,4 @@
-"""A small DICOMweb client (QIDO-RS, WADO-RS, STOW-RS) and `medsim build-index` from a DICOMweb URL.
+"""A small DICOMweb client (QIDO-RS, WADO-RS, STOW-RS).
 
 Only what medsim needs: list chest radiograph series and their instances, fetch one instance as stored (Part 10
 bytes), store instances. Every call has a connect and a read timeout, fetched instances have a size limit, and
@@ -14,29 +14,23 @@ Interoperability notes (checked against Orthanc 1.10 + DICOMweb plugin 1.7):
   modality by modality, at series level, with BodyPartExamined included to filter before fetching.
 * Results are paged with ``limit``/``offset``.
 
-Building an index from a PACS (``medsim build-index http://host/dicom-web``): the chest radiograph instances are
-listed by QIDO-RS, those already indexed (same SOP Instance UID) or already skipped are left alone, the rest are
-fetched by WADO-RS in worker processes (each into a temporary file, deleted once read), read and preprocessed by the
-same code as a folder build, embedded in batches in the main process and added. A case's ``source_path`` is its WADO-RS URL; the file ledger
-records every instance by that URL, so a re-run retries only failures and new instances.
+`medsim build-index http://host/dicom-web` uses this client through :mod:`medsim.build`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from medsim.dicom import CAPTURE_MODALITIES, RADIOGRAPH_MODALITIES, ChestPolicy, is_dicom_file
-from medsim.errors import MedsimError, SkipFile
+from medsim.errors import MedsimError, SkipFile, short
 
 UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -154,9 +148,9 @@ class DicomWebClient:
         except requests.Timeout:
             raise PacsUnavailable(f"PACS at {self.base_url} timed out ({what})") from None
         except requests.ConnectionError as exc:
-            raise PacsUnavailable(f"PACS at {self.base_url} is unreachable ({what}): {_short(exc)}") from None
+            raise PacsUnavailable(f"PACS at {self.base_url} is unreachable ({what}): {short(str(exc))}") from None
         except requests.RequestException as exc:
-            raise PacsError(f"PACS request failed ({what}): {_short(exc)}") from None
+            raise PacsError(f"PACS request failed ({what}): {short(str(exc))}") from None
         if response.status_code == 404:
             response.close()
             raise PacsNotFound(f"not in the PACS: {what}", 404)
@@ -209,9 +203,6 @@ class DicomWebClient:
             if len(page) < page_size:
                 return results
             offset += len(page)
-
-    def search_series(self, **filters) -> list[dict]:
-        return self.qido("series", filters)
 
     def search_instances(self, study_uid: str, series_uid: str, **filters) -> list[dict]:
         _check_uids(study_uid, series_uid)
@@ -276,7 +267,7 @@ class DicomWebClient:
             except (InstanceTooLarge, PacsUnavailable):
                 raise
             except Exception as exc:  # requests wraps socket timeouts while streaming in several types
-                raise PacsUnavailable(f"{what}: transfer failed: {_short(exc)}") from None
+                raise PacsUnavailable(f"{what}: transfer failed: {short(str(exc))}") from None
             body = b"".join(chunks)
         finally:
             response.close()
@@ -393,11 +384,6 @@ def _check_uids(*uids: str) -> None:
             raise PacsError(f"not a DICOM UID: {str(uid)[:80]!r}", 400)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc)
-    return text if len(text) < 200 else text[:200] + "..."
-
-
 def _error_detail(response) -> str:
     try:
         text = response.text
@@ -409,84 +395,3 @@ def _error_detail(response) -> str:
     except (ValueError, AttributeError):
         detail = text.strip().splitlines()[0] if text.strip() else ""
     return f": {detail[:200]}" if detail else ""
-
-
-# ---- build-index from a PACS -----------------------------------------------------------------------------------------
-
-
-def fetch_and_process(client: DicomWebClient, ref: InstanceRef, folder: str, policy: ChestPolicy, spec):
-    """Fetch one instance into ``folder``, read and preprocess it, delete the file. Runs in a worker (process or
-    thread); never raises for bad input. Returns the :class:`medsim.build.Outcome` with the ledger row keyed by the
-    instance's WADO-RS URL and the case's ``source_path`` set to it."""
-    from medsim.build import Outcome, process_file
-    from medsim.index import FileRecord
-
-    url = client.instance_url(ref.study_uid, ref.series_uid, ref.sop_uid)
-    try:
-        data = client.retrieve_instance(ref.study_uid, ref.series_uid, ref.sop_uid)
-    except InstanceTooLarge as exc:
-        return Outcome(FileRecord(url, 0, 0.0, "failed", "too-large", str(exc)))
-    except PacsError as exc:
-        return Outcome(FileRecord(url, 0, 0.0, "failed", "unreadable", f"WADO-RS: {exc}"))
-    path = Path(folder) / f"{uuid.uuid4().hex}.dcm"
-    try:
-        path.write_bytes(data)
-        outcome = process_file(str(path), folder, policy, spec)
-    finally:
-        path.unlink(missing_ok=True)
-    record = outcome.record
-    outcome.record = FileRecord(url, len(data), 0.0, record.status, record.reason, record.detail, record.sop_uid)
-    if outcome.case is not None:
-        outcome.case.source_path = url
-    return outcome
-
-
-def _fetch_chunk(refs, client, folder, policy, spec):
-    return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
-
-
-def build_index_from_dicomweb(url: str, index_path: str | Path, bundle, labels=None,
-                              policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
-                              progress: bool = True, chunk_size: int = 4, client: DicomWebClient | None = None,
-                              skip_duplicates: bool = False):
-    """Index every chest radiograph a DICOMweb server holds that the index does not hold yet (fetch and decode in
-    ``workers`` processes, or in threads of this process when 0), through the same writer as a folder build.
-    Returns a :class:`medsim.build.BuildReport`."""
-    from functools import partial
-
-    from medsim.build import BuildReport, IndexWriter, Pooled, _chunks, _process_pool, default_workers
-    from medsim.index import CaseIndex
-
-    started = time.perf_counter()
-    client = client or DicomWebClient(url)
-    reachable, detail = client.ping()
-    if not reachable:  # before an index is created for nothing
-        raise PacsUnavailable(detail)
-    report = BuildReport()
-    workers = default_workers() if workers is None else max(0, workers)
-    index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
-                                     dim=bundle.embedding_dim, model_path=str(bundle.path))
-    try:
-        known = index.known_files()
-        todo: list[InstanceRef] = []
-        for ref in client.chest_instances(policy):
-            entry = known.get(client.instance_url(ref.study_uid, ref.series_uid, ref.sop_uid))
-            if index.has_sop_uid(ref.sop_uid) or (entry is not None and entry[2] in ("indexed", "skipped")):
-                report.unchanged += 1
-            else:
-                todo.append(ref)
-        # fetching is I/O: without worker processes, threads of this process still overlap the requests
-        executor = _process_pool(workers) if workers > 0 else ThreadPoolExecutor(max_workers=4)
-        with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as tmp:
-            task = partial(_fetch_chunk, client=client, folder=tmp, policy=policy, spec=bundle.preprocess)
-            outcomes = Pooled(task, _chunks(todo, chunk_size), executor, 2 * max(workers, 3) + 2)
-            try:  # the first instances are fetched while the model loads
-                IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates).consume(outcomes, len(todo),
-                                                                                                progress)
-            finally:
-                outcomes.close()
-        report.total_cases = len(index)
-    finally:
-        index.close()
-    report.seconds = time.perf_counter() - started
-    return report

@@ -2,8 +2,8 @@
 
 Used by the tests and the service benchmark, and usable by ``make run``::
 
-    python -m medsim.pacs start --storage var/orthanc --http-port 8042     # runs until Ctrl-C
-    python -m medsim.pacs start --config my-orthanc.json
+    python -m medsim.orthanc start --storage var/orthanc --http-port 8042     # runs until Ctrl-C
+    python -m medsim.orthanc start --config my-orthanc.json
 
 :class:`LocalOrthanc` writes an Orthanc configuration (HTTP on 127.0.0.1 only, no DICOM remote access,
 authentication off, storage in the given directory, the DICOMweb plugin loaded), starts ``Orthanc`` on it, waits for
@@ -44,7 +44,7 @@ DICOMWEB_PLUGIN_CANDIDATES = (
 )
 
 
-class PacsError(MedsimError):
+class OrthancError(MedsimError):
     """A local PACS could not be found, configured or started."""
 
 
@@ -134,15 +134,15 @@ class LocalOrthanc:
         self.storage = Path(storage)
         self.executable = executable or find_orthanc()
         if self.executable is None:
-            raise PacsError("Orthanc is not installed (apt-get install -y orthanc orthanc-dicomweb, or "
+            raise OrthancError("Orthanc is not installed (apt-get install -y orthanc orthanc-dicomweb, or "
                             "`make orthanc`); set MEDSIM_ORTHANC to its executable if it is elsewhere")
         if isinstance(config, (str, Path)):
             config = json.loads(Path(config).read_text())
         if config is None:
             plugin = plugin or find_dicomweb_plugin()
             if plugin is None:
-                raise PacsError("the Orthanc DICOMweb plugin is not installed (apt-get install -y orthanc-dicomweb); "
-                                "set MEDSIM_ORTHANC_DICOMWEB to its .so if it is elsewhere")
+                raise OrthancError("the Orthanc DICOMweb plugin is not installed (apt-get install -y "
+                                   "orthanc-dicomweb); set MEDSIM_ORTHANC_DICOMWEB to its .so if it is elsewhere")
             config = orthanc_config(self.storage / "db", http_port or free_port(), dicom_port or free_port(), plugin)
         self.config = dict(config)
         self.http_port = int(self.config.get("HttpPort", 8042))
@@ -183,7 +183,7 @@ class LocalOrthanc:
         last = ""
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise PacsError(f"Orthanc exited with status {self.process.returncode} at start-up; "
+                raise OrthancError(f"Orthanc exited with status {self.process.returncode} at start-up; "
                                 f"log: {self.log_tail()}")
             try:
                 system = requests.get(f"{self.url}/system", timeout=2)
@@ -194,7 +194,7 @@ class LocalOrthanc:
             except requests.RequestException as exc:
                 last = str(exc)
             time.sleep(0.1)
-        raise PacsError(f"Orthanc did not answer within {timeout:.0f} s ({last}); log: {self.log_tail()}")
+        raise OrthancError(f"Orthanc did not answer within {timeout:.0f} s ({last}); log: {self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -229,7 +229,7 @@ class LocalOrthanc:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medsim.pacs",
+    parser = argparse.ArgumentParser(prog="python -m medsim.orthanc",
                                      description="Run a loopback-only Orthanc with DICOMweb until interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start Orthanc and wait (Ctrl-C stops it)")
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except MedsimError as exc:
-        print(f"medsim.pacs: error: {exc}", file=sys.stderr)
+        print(f"medsim.orthanc: error: {exc}", file=sys.stderr)
         return 2
     finally:
         pacs.stop()

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim import operating_point
 from medsim.dicom import ChestPolicy, Radiograph
 from medsim.errors import MedsimError, ModelMismatch
-from medsim.index import CaseIndex, Hit
+from medsim.index import Case, CaseIndex, Hit
 from medsim.ingest import read_any
+from medsim.operating_point import OperatingPoint
 from medsim.preprocess import prepare
 
-NO_THRESHOLD = float("-inf")  # pass as ``threshold`` for plain top-k, ignoring a stored operating point
 SCORE_TOLERANCE = 1e-6  # float32 rounding of hnswlib's distances must not drop a case that sits on the threshold
 
 
@@ -38,13 +39,13 @@ class SearchResult:
     query: QueryInfo
     hits: list[Hit]
     include_same_patient: bool
-    operating_point: dict | None = None  # the threshold applied (see Searcher.operating_point); None: no threshold
+    operating_point: OperatingPoint
 
     def to_dict(self) -> dict:
         return {
             "query": asdict(self.query),
             "include_same_patient": self.include_same_patient,
-            "operating_point": self.operating_point,
+            "operating_point": self.operating_point.threshold_summary(),
             "results": [
                 {"rank": rank, "score": round(hit.score, 6), "sop_uid": hit.case.sop_uid,
                  "series_uid": hit.case.series_uid, "study_uid": hit.case.study_uid,
@@ -85,73 +86,58 @@ class Searcher:
             self._bundle = bundle_for_index(self.index, self._model_spec)
         return self._bundle
 
-    def embed(self, radiograph: Radiograph) -> np.ndarray:
+    @property
+    def embedder(self):
         if self._embedder is None:
             self._embedder = self.bundle.embedder()
-        return self._embedder.embed_prepared([prepare(radiograph.pixels, self.bundle.preprocess)])[0]
+        return self._embedder
 
-    def operating_point(self, threshold: float | None = None, target_recall: float | None = None) -> dict | None:
-        """The similarity threshold a query applies: ``threshold`` if given (``NO_THRESHOLD`` for none), else the one
-        for ``target_recall`` from the index's calibrated curve, else the index's stored operating point (see
-        :mod:`medsim.calibrate`), else None (plain top-k)."""
-        from medsim.calibrate import META_KEY, threshold_for_recall
+    def embed(self, radiograph: Radiograph) -> np.ndarray:
+        return self.embedder.embed_prepared([prepare(radiograph.pixels, self.bundle.preprocess)])[0]
 
-        stored = self.index.meta.get(META_KEY)
-        if threshold is not None:
-            if threshold == NO_THRESHOLD:
-                return None
-            return {"threshold": float(threshold), "source": "requested threshold"}
-        if target_recall is not None:
-            return {"threshold": threshold_for_recall(self.index, target_recall), "source": "requested target recall",
-                    "target_recall": float(target_recall), "k": stored["k"], "definition": stored["definition"]}
-        if stored:
-            return {"threshold": float(stored["threshold"]), "source": "stored operating point",
-                    "target_recall": stored["target_recall"], "k": stored["k"], "definition": stored["definition"]}
-        return None
+    def operating_point(self, **request) -> OperatingPoint:
+        """The request's operating point against this index (see :func:`medsim.operating_point.resolve`)."""
+        return operating_point.resolve(self.index.meta, **request)
 
-    def query_file(self, path: str | Path, k: int = 10, patient_id: str | None = None,
-                   include_same_patient: bool = False, threshold: float | None = None,
-                   target_recall: float | None = None) -> SearchResult:
+    def indexed_query(self, case: Case, patient_id: str | None = None, view: str = "") -> tuple[np.ndarray, QueryInfo]:
+        """An indexed image as a query: its stored vector, no decoding or embedding."""
+        info = QueryInfo(case.sop_uid, case.series_uid, case.study_uid, patient_id or case.patient_id,
+                         case.view or view, indexed=True)
+        return self.index.vector(case.sop_uid), info
+
+    def radiograph_query(self, radiograph: Radiograph, patient_id: str | None = None,
+                         embed=None) -> tuple[np.ndarray, QueryInfo]:
+        """A decoded image as a query: the stored vector when its SOP Instance UID is indexed, else its embedding
+        (``embed``: the function that embeds it; default :meth:`embed`)."""
+        known = self.index.get(radiograph.sop_uid)
+        if known is not None:
+            return self.indexed_query(known, patient_id or radiograph.patient_id, radiograph.view)
+        info = QueryInfo(radiograph.sop_uid, radiograph.series_uid, radiograph.study_uid,
+                         patient_id or radiograph.patient_id, radiograph.view, indexed=False)
+        return (embed or self.embed)(radiograph), info
+
+    def file_query(self, path: str | Path, patient_id: str | None = None) -> tuple[np.ndarray, QueryInfo]:
+        """A file as a query: the stored vector when the file (or its SOP Instance UID) is indexed."""
         path = Path(path)
         if not path.exists():
             raise MedsimError(f"query file {path} does not exist")
         known = self.index.get_by_path(str(path.resolve()))
         if known is not None:
-            info = QueryInfo(known.sop_uid, known.series_uid, known.study_uid, patient_id or known.patient_id,
-                             known.view, indexed=True)
-            return self.query_vector(self.index.vector(known.sop_uid), info, k, include_same_patient,
-                                     threshold=threshold, target_recall=target_recall)
-        radiograph = read_any(path, policy=self.policy)
-        return self.query_radiograph(radiograph, k=k, patient_id=patient_id,
-                                     include_same_patient=include_same_patient, threshold=threshold,
-                                     target_recall=target_recall)
+            return self.indexed_query(known, patient_id)
+        return self.radiograph_query(read_any(path, policy=self.policy), patient_id)
 
-    def query_radiograph(self, radiograph: Radiograph, k: int = 10, patient_id: str | None = None,
-                         include_same_patient: bool = False, threshold: float | None = None,
-                         target_recall: float | None = None) -> SearchResult:
-        known = self.index.get(radiograph.sop_uid)
-        info = QueryInfo(radiograph.sop_uid, radiograph.series_uid, radiograph.study_uid,
-                         patient_id or radiograph.patient_id or (known.patient_id if known else None),
-                         radiograph.view, indexed=known is not None)
-        vector = self.index.vector(known.sop_uid) if known is not None else self.embed(radiograph)
-        return self.query_vector(vector, info, k, include_same_patient, threshold=threshold,
-                                 target_recall=target_recall)
-
-    def query_vector(self, vector: np.ndarray, info: QueryInfo, k: int = 10,
-                     include_same_patient: bool = False, threshold: float | None = None,
-                     target_recall: float | None = None) -> SearchResult:
-        """Top-k cases, then only those with score >= the operating point's threshold (see operating_point)."""
-        operating_point = self.operating_point(threshold, target_recall)
+    def search(self, vector: np.ndarray, info: QueryInfo, op: OperatingPoint,
+               include_same_patient: bool = False) -> SearchResult:
+        """The top ``op.k`` cases of other patients (unless ``include_same_patient``), cut at ``op.threshold``."""
         hits = self.index.search(
-            vector, k=k,
+            vector, k=op.k,
             exclude_patient=None if include_same_patient else info.patient_id,
             exclude_sop_uid=info.sop_uid,
         )
-        if operating_point is not None:
-            cut = operating_point["threshold"] - SCORE_TOLERANCE
+        if op.threshold is not None:
+            cut = op.threshold - SCORE_TOLERANCE
             hits = [hit for hit in hits if hit.score >= cut]
-        return SearchResult(query=info, hits=hits, include_same_patient=include_same_patient,
-                            operating_point=operating_point)
+        return SearchResult(query=info, hits=hits, include_same_patient=include_same_patient, operating_point=op)
 
 
 def bundle_for_index(index: CaseIndex, model: str | None = None):

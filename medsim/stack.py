@@ -5,7 +5,7 @@ the index built and calibrated, and medsim serving the OHIF viewer with the "Fin
     python -m medsim.stack --port 8080 --index my-index --sample /path/to/pacs_export
 
 Steps: (1) start a private Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports with a
-temporary storage folder (:mod:`medsim.pacs`); (2) STOW-RS every file under the sample folder (Orthanc refuses
+temporary storage folder (:mod:`medsim.orthanc`); (2) STOW-RS every file under the sample folder (Orthanc refuses
 what is not DICOM or is unreadable; those are listed and skipped); (3) build the index from the same folder unless
 it exists (``medsim build-index``; an index built by ``make run`` is reused as is) and calibrate its threshold for
 90 % list recall unless it has an operating point (``medsim calibrate``); (4) serve the API, the viewer and the
@@ -87,7 +87,7 @@ def ensure_index(index: Path, sample: Path, labels: Path | None, model: str | No
 
 def ensure_calibrated(index: Path, target_recall: float) -> dict | None:
     from medsim.index import CaseIndex
-    from medsim.server.operating_point import stored
+    from medsim.operating_point import stored
 
     with CaseIndex.open(index) as opened:
         op = stored(opened.meta)
@@ -95,7 +95,7 @@ def ensure_calibrated(index: Path, target_recall: float) -> dict | None:
         say(f"operating point: similarity >= {op.get('threshold', float('nan')):.4f} "
             f"(list recall {op.get('target_recall', '?')})")
         return op
-    from medsim.calibrate import calibrate_index
+    from medsim.evaluate.calibrate import calibrate_index
 
     try:
         op = calibrate_index(index, None, target_recall=target_recall, k=10)
@@ -127,7 +127,7 @@ def sample_study(sample: Path) -> str | None:
 
 def run(args) -> int:
     from medsim.dicomweb import DicomWebClient
-    from medsim.pacs import LocalOrthanc
+    from medsim.orthanc import LocalOrthanc
     from medsim.server.settings import Settings
 
     sample = Path(args.sample).resolve()

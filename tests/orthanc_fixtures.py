@@ -6,7 +6,7 @@ DICOMweb, and the service over that index. Import the fixtures into a test modul
 What the session sets up (once, however many modules import these fixtures):
 
 1. Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) on free loopback ports with a temporary storage folder and a
-   temporary JSON config (:class:`medsim.pacs.LocalOrthanc`). When it is not installed and cannot be installed here
+   temporary JSON config (:class:`medsim.orthanc.LocalOrthanc`). When it is not installed and cannot be installed here
    (no root or no apt-get), the tests skip and say so.
 2. STOW-RS of the sample export's "indexed set": 12 chest radiographs, a second image (new series, view PA) added
    to one of their studies so that a study holds two images, the non-chest CT slice, the text SR, the truncated file
@@ -83,7 +83,7 @@ _STATE: dict = {}
 
 
 def _ensure_orthanc() -> None:
-    from medsim.pacs import find_dicomweb_plugin, find_orthanc
+    from medsim.orthanc import find_dicomweb_plugin, find_orthanc
 
     if find_orthanc() and find_dicomweb_plugin():
         return
@@ -129,7 +129,7 @@ def _instance_from_file(path: Path, expected: str = "index") -> Instance:
 def _setup(tmp_root: Path) -> PacsEnv:
     from medsim.cli import main as medsim_main
     from medsim.dicomweb import DicomWebClient
-    from medsim.pacs import LocalOrthanc
+    from medsim.orthanc import LocalOrthanc
 
     _ensure_orthanc()
     manifest = sample_manifest()
@@ -176,7 +176,7 @@ def _setup(tmp_root: Path) -> PacsEnv:
     build_report = json.loads(report.read_text())
 
     # Calibrate the index (`medsim calibrate`'s function): its operating point becomes the service's default.
-    from medsim.calibrate import calibrate_index
+    from medsim.evaluate.calibrate import calibrate_index
 
     operating_point = calibrate_index(index_path, labels_csv, target_recall=CALIBRATED_RECALL, k=10)
 
@@ -289,7 +289,7 @@ def silent_server():
 
 
 def closed_port_url() -> str:
-    from medsim.pacs import free_port
+    from medsim.orthanc import free_port
 
     return f"http://127.0.0.1:{free_port()}/dicom-web"
 

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from medsim.calibrate import (META_KEY, calibrate_index, calibrate_vectors, describe, patient_fold,
-                              threshold_for_recall, validation_patients)
 from medsim.errors import MedsimError
+from medsim.evaluate.calibrate import calibrate_index, calibrate_vectors, describe, patient_fold, validation_patients
 from medsim.index import Case, CaseIndex
-from medsim.search import NO_THRESHOLD, QueryInfo, Searcher
+from medsim.operating_point import META_KEY, NONE, threshold_for_recall
+from medsim.search import QueryInfo, Searcher
 
 
 def _data(n=60, dim=8, seed=0):
@@ -119,17 +119,20 @@ def test_calibrate_index_stores_operating_point_used_by_searcher(tmp_path):
     searcher = Searcher.open(path)
     try:
         info = QueryInfo("1.2.0", "1.3.0", "1.4.0", patients[0], "", indexed=True)
-        result = searcher.query_vector(vectors[0], info, k=20)
-        assert result.operating_point["source"] == "stored operating point"
+        def query(**request):
+            return searcher.search(vectors[0], info, searcher.operating_point(k=20, **request))
+
+        result = query()
+        assert result.operating_point.source == "stored operating point"
         assert all(hit.score >= op["threshold"] for hit in result.hits)
-        plain = searcher.query_vector(vectors[0], info, k=20, threshold=NO_THRESHOLD)
-        assert plain.operating_point is None and len(plain.hits) == 20
+        plain = query(threshold=NONE)
+        assert plain.to_dict()["operating_point"] is None and len(plain.hits) == 20
         assert [h.case.sop_uid for h in result.hits] == [h.case.sop_uid for h in plain.hits[:len(result.hits)]]
-        strict = searcher.query_vector(vectors[0], info, k=20, target_recall=0.3)
-        assert strict.operating_point["threshold"] == threshold_for_recall(op, 0.3)
+        strict = query(target_recall=0.3)
+        assert strict.operating_point.threshold == threshold_for_recall(op, 0.3)
         assert len(strict.hits) <= len(result.hits)
-        fixed = searcher.query_vector(vectors[0], info, k=20, threshold=0.99)
-        assert fixed.operating_point == {"threshold": 0.99, "source": "requested threshold"}
+        fixed = query(threshold=0.99)
+        assert fixed.to_dict()["operating_point"] == {"threshold": 0.99, "source": "requested threshold"}
         assert result.to_dict()["operating_point"]["threshold"] == op["threshold"]
     finally:
         searcher.close()
@@ -140,10 +143,10 @@ def test_searcher_without_operating_point_is_plain_top_k(tmp_path):
     path = _index(tmp_path, vectors, patients, labels)
     with Searcher.open(path) as searcher:
         info = QueryInfo("1.2.0", "1.3.0", "1.4.0", patients[0], "", indexed=True)
-        result = searcher.query_vector(vectors[0], info, k=5)
-        assert result.operating_point is None and len(result.hits) == 5
+        result = searcher.search(vectors[0], info, searcher.operating_point(k=5))
+        assert result.to_dict()["operating_point"] is None and len(result.hits) == 5
         with pytest.raises(MedsimError):
-            searcher.query_vector(vectors[0], info, k=5, target_recall=0.9)
+            searcher.operating_point(k=5, target_recall=0.9)
 
 
 def test_calibrate_dry_run_stores_nothing(tmp_path):

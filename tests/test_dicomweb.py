@@ -10,10 +10,10 @@ from medsim.dicomweb import (
     PacsError,
     PacsNotFound,
     PacsUnavailable,
-    build_index_from_dicomweb,
     is_uid,
     parse_multipart,
 )
+from medsim.build import build_index
 from medsim.index import CaseIndex
 from orthanc_fixtures import closed_port_url, pacs, silent_server  # noqa: F401
 
@@ -78,7 +78,7 @@ def test_pacs_down_and_pacs_hanging():
 
 
 def test_stopped_orthanc_is_reported_as_unavailable(pacs, tmp_path):
-    from medsim.pacs import LocalOrthanc
+    from medsim.orthanc import LocalOrthanc
 
     orthanc = LocalOrthanc(tmp_path / "other").start()
     client = DicomWebClient(orthanc.dicomweb_url, timeout=2)
@@ -117,10 +117,10 @@ def test_build_index_rerun_adds_only_new_instances(pacs, tmp_path):
     shutil.copytree(pacs.index_path, copy)
     with CaseIndex.open(copy) as index:
         bundle = bundle_for_index(index)
-    report = build_index_from_dicomweb(pacs.url, copy, bundle, workers=0, progress=False)
+    report = build_index(pacs.url, copy, bundle, workers=0, progress=False)
     assert report.indexed == len(pacs.pacs_only)
     assert report.unchanged == len(pacs.indexed)
-    again = build_index_from_dicomweb(pacs.url, copy, bundle, workers=0, progress=False)
+    again = build_index(pacs.url, copy, bundle, workers=0, progress=False)
     assert again.indexed == 0 and again.unchanged == len(pacs.indexed) + len(pacs.pacs_only)
 
 
@@ -143,8 +143,7 @@ def test_build_index_from_dicomweb_skips_pixel_duplicates(pacs, tmp_path):
         bundle = bundle_for_index(index)
     source = next(i for i in pacs.indexed + pacs.pacs_only if i.path == SAMPLE_DIR / SECOND_VIEW_SOURCE)
     pair = {source.sop_uid, pacs.second_view.sop_uid}
-    report = build_index_from_dicomweb(pacs.url, tmp_path / "index", bundle, workers=0, progress=False,
-                                       skip_duplicates=True)
+    report = build_index(pacs.url, tmp_path / "index", bundle, workers=0, progress=False, skip_duplicates=True)
     assert dict(report.skipped) == {"duplicate-pixels": 1}
     (duplicate,) = report.duplicates
     assert duplicate.sop_uid in pair and (pair - {duplicate.sop_uid}).pop() in duplicate.detail

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from medsim.pacs import free_port
+from medsim.orthanc import free_port
 from orthanc_fixtures import index_digest, live_server, make_app, medsim_command, pacs, service  # noqa: F401
 
 TOKEN = "live-test-token-0123456789abcdef"

@@ -13,8 +13,8 @@ the same threshold.
 
 The threshold is chosen on labeled queries of one set of patients and checked on queries of the other patients
 (split by a hash of the patient id), so the reported figures are for patients it was not fitted on. The whole
-recall -> threshold curve is stored too, so :func:`threshold_for_recall` answers another target without
-recomputation.
+recall -> threshold curve is stored too, so :func:`medsim.operating_point.threshold_for_recall` answers another
+target without recomputation.
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ import numpy as np
 
 from medsim.errors import MedsimError
 from medsim.evaluate import metrics as M
-
-META_KEY = "operating_point"
+from medsim.files import json_safe
+from medsim.index import CaseIndex
+from medsim.ingest import LabelTable
+from medsim.operating_point import META_KEY
+from medsim.search import bundle_for_index
 DEFINITION = (
     "list recall@k: of the relevant cases among each query's top-k results (other patients' cases, ranked by "
     "similarity), the share whose similarity is >= the threshold, pooled over the calibration queries; list "
@@ -54,57 +57,6 @@ def patient_fold(patients, n_folds: int = 2, salt: str = "medsim-calibrate") -> 
         key = f"{salt}\0{p}" if p else f"{salt}\0\0item-{i}"
         out[i] = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % n_folds
     return out
-
-
-def threshold_for_recall(source, target_recall: float | None = None) -> float:
-    """The similarity threshold for a target list recall, from a stored operating point.
-
-    source: a CaseIndex (its ``operating_point`` meta) or an operating-point dict. target_recall None: the stored
-    operating point's own threshold. Otherwise the highest stored threshold whose calibrated list recall is at
-    least the target (conservative: the recall reached is >= the target). Raises MedsimError when the index has
-    no operating point or the target is out of range.
-    """
-    op = source.meta.get(META_KEY) if hasattr(source, "meta") else source
-    if not op:
-        raise MedsimError("no calibrated operating point stored with this index; run `medsim calibrate` first")
-    if target_recall is None or abs(float(target_recall) - float(op["target_recall"])) < 1e-12:
-        return float(op["threshold"])
-    target = float(target_recall)
-    if not 0.0 < target <= 1.0:
-        raise MedsimError(f"target recall must be in (0, 1], got {target}")
-    curve = op.get("curve") or {}
-    levels = np.asarray(curve.get("target_recall", []), dtype=np.float64)
-    thresholds = np.asarray(curve.get("threshold", []), dtype=np.float64)
-    if levels.size == 0:
-        raise MedsimError("the stored operating point has no recall curve; re-run `medsim calibrate`")
-    reachable = np.flatnonzero(levels >= target - 1e-12)
-    if reachable.size == 0:
-        return float(thresholds[np.argmax(levels)])
-    return float(thresholds[reachable[np.argmin(levels[reachable])]])
-
-
-def list_operating_point(top_scores, top_relevant, target_recall: float) -> dict:
-    """Threshold for ``target_recall`` on these result lists and the list metrics there."""
-    threshold = M.list_threshold_for_recall(top_scores, top_relevant, target_recall)
-    metrics = M.list_metrics(M.list_counts_at(top_scores, top_relevant, threshold))
-    return {"threshold": threshold, **metrics}
-
-
-def _json_float(value):
-    value = float(value)
-    return value if np.isfinite(value) else None  # not rounded: a threshold must compare exactly
-
-
-def _clean(obj):
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return _json_float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
 
 
 class _Lists:
@@ -237,7 +189,7 @@ def calibrate_vectors(vectors, ids, patients, labels, *, target_recall: float = 
         "pairwise_precision": measured["pairwise"]["precision"],
         "measured_on": "check patients" if op["check"] else "calibration patients",
     }
-    return _clean(op)
+    return json_safe(op)
 
 
 def validation_patients(bundle) -> list[str] | None:
@@ -259,9 +211,6 @@ def calibrate_index(index_path: str | Path, labels_csv: str | Path | None = None
                     k: int = 10, relevance: str = "shares", include_same_patient: bool = False,
                     check_fraction: float = 0.5, store: bool = True, use_validation_split: bool = True) -> dict:
     """Calibrate the index's threshold for ``target_recall`` and (``store``) save it as its operating point."""
-    from medsim.index import CaseIndex
-    from medsim.ingest import LabelTable
-
     index = CaseIndex.open(index_path, writable=store)
     try:
         cases = index.cases()
@@ -276,10 +225,8 @@ def calibrate_index(index_path: str | Path, labels_csv: str | Path | None = None
         if use_validation_split:
             bundle = None
             try:
-                from medsim.search import bundle_for_index
-
                 bundle = bundle_for_index(index)
-            except Exception as exc:  # the bundle is optional here: only its split is read
+            except MedsimError as exc:  # the bundle is optional here: only its split is read
                 notes.append(f"model bundle not loaded ({type(exc).__name__}); no validation split applied")
             wanted = validation_patients(bundle)
             if wanted:

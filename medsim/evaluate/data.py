@@ -46,9 +46,6 @@ class EvalSet:
         return [item.source for item in self.items]
 
     @property
-    def has_sources(self) -> bool:
-        return any(item.source for item in self.items)
-
     def vocabulary(self) -> list[str]:
         return sorted({label for item in self.items for label in item.labels})
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.errors import MedsimError
+from medsim.files import medsim_home
 
 log = logging.getLogger("medsim.evaluate")
 
@@ -64,9 +65,7 @@ class MethodOptions:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("MEDSIM_HOME", "").strip()
-    home = Path(env).expanduser() if env else Path.home() / ".cache" / "medsim"
-    return home / "eval-cache"
+    return medsim_home() / "eval-cache"
 
 
 def expand_methods(names: Sequence[str], model: str | None = None) -> tuple[list[MethodSpec], list[str]]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medsim.calibrate import DEFINITION as LIST_DEFINITION
-from medsim.calibrate import patient_fold, relevance_text, validation_patients
+from medsim.evaluate.calibrate import DEFINITION as LIST_DEFINITION
+from medsim.evaluate.calibrate import patient_fold, relevance_text, validation_patients
 from medsim.errors import MedsimError
 from medsim.evaluate import metrics as M
 from medsim.evaluate.data import EvalSet, load_eval_set

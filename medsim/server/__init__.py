@@ -5,7 +5,8 @@
 
 Modules: ``settings`` (typed settings from flags, MEDSIM_* environment, TOML/JSON file), ``app`` (factory, waitress),
 ``state`` (shared index, model, PACS client, thumbnails), one module per API resource (``similar``, ``cases``,
-``index``, ``health``), ``security`` (tokens, CORS, audit log), ``errors`` (JSON errors), ``operating_point``.
+``index``, ``health``), ``security`` (tokens, CORS, audit log), ``errors`` (JSON errors); operating points come
+from :mod:`medsim.operating_point`.
 See docs/api.md and the OpenAPI document (``/api/v1/openapi.yaml``).
 """
 
