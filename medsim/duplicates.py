@@ -22,10 +22,8 @@ import base64
 import csv
 import hashlib
 import hmac
-import html
 import io
 import os
-import sqlite3
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -34,6 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from medsim.errors import MedsimError
+# The pHash stored at ingest lives in medsim.phash (core, no OpenCV); re-exported here for callers of this module.
+from medsim.phash import (PHASH_BITS, PHASH_HEX, PHASH_SIZE, hamming, perceptual_hash,  # noqa: F401
+                          perceptual_hash_or_empty)
 
 EXACT = "exact"
 NEAR = "near-duplicate"
@@ -49,9 +50,6 @@ UNKNOWN_PATIENT = "unknown-patient"
 DEFAULT_MIN_COSINE = 0.80
 DEFAULT_MAX_HAMMING = 36
 DEFAULT_NEIGHBOURS = 10
-PHASH_SIZE = 16  # imagehash hash_size: 16 x 16 lowest DCT frequencies of a 64 x 64 thumbnail
-PHASH_BITS = PHASH_SIZE * PHASH_SIZE
-PHASH_HEX = PHASH_BITS // 4
 
 
 @dataclass(frozen=True)
@@ -74,35 +72,7 @@ class Thresholds:
             raise MedsimError(f"--neighbours must be at least 1, not {self.neighbours}")
 
 
-# ---- perceptual hash ---------------------------------------------------------------------------------------------
-
-
-def perceptual_hash(pixels: np.ndarray) -> str:
-    """256-bit pHash of a display-ready image ((H, W) float in [0, 1] or uint8) as 64 hex digits.
-
-    Computed by :class:`medsim.baselines.PerceptualHash` (the ``imagehash`` pHash the evaluation reports on: DCT of a
-    64x64 thumbnail, each of the 16x16 lowest frequencies against their median), with ``hash_size=16`` instead of the
-    baseline's 8: the 64-bit hash cannot tell apart the many near-identical radiographs of different children in the
-    dev data (see docs/duplicates.md). Stored hashes of another length count as missing, so changing the size only
-    costs re-reading the candidates' source files (or a re-ingest)."""
-    from medsim.baselines import PerceptualHash
-
-    bits = PerceptualHash("phash", hash_size=PHASH_SIZE).fit().transform([np.asarray(pixels)])[0]
-    return np.packbits(np.asarray(bits, dtype=np.uint8)).tobytes().hex()
-
-
-def perceptual_hash_or_empty(pixels: np.ndarray) -> str:
-    """:func:`perceptual_hash`, or '' when it cannot be computed here (imagehash/OpenCV not installed, odd image);
-    ``medsim duplicates`` then computes the missing hashes of candidate pairs from their source files."""
-    try:
-        return perceptual_hash(pixels)
-    except Exception:  # ingest never fails for the sake of a hash
-        return ""
-
-
-def hamming(a: str, b: str) -> int:
-    """Bits in which two hex hashes differ."""
-    return int(bin(int(a, 16) ^ int(b, 16)).count("1"))
+# ---- perceptual hashes (computed by medsim.phash) ----------------------------------------------------------------
 
 
 def _hash_bytes(hashes: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -268,53 +238,46 @@ class _UnionFind:
 def find_duplicates(index_path: str | Path, thresholds: Thresholds = Thresholds(), progress: bool = False,
                     batch_size: int = 4096, compute_missing_hashes: bool = True) -> DuplicateReport:
     """Exact and near-duplicate groups of the cases in the index at ``index_path`` (opened read-only)."""
-    from medsim.index import CATALOG, CaseIndex
+    from medsim.index import CaseIndex
 
     started = time.perf_counter()
     with CaseIndex.open(index_path) as index:
-        db = sqlite3.connect(f"file:{Path(index_path) / CATALOG}?mode=ro", uri=True)
-        try:
-            columns = {row[1] for row in db.execute("PRAGMA table_info(cases)")}
-            phash_sql = "phash" if "phash" in columns else "''"
-            rows = db.execute(f"SELECT id, {phash_sql} FROM cases ORDER BY id").fetchall()
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            phashes, has_phash = _hash_bytes([r[1] for r in rows])
-            del rows
-            report = DuplicateReport(index=str(index_path), thresholds=thresholds, cases=len(ids))
+        ids, hashes = index.phashes()
+        phashes, has_phash = _hash_bytes(hashes)
+        del hashes
+        report = DuplicateReport(index=str(index_path), thresholds=thresholds, cases=len(ids))
 
-            exact_pairs, exact_group_of = _exact_pairs(db)
-            near, candidates = _near_candidates(index, db, ids, phashes, has_phash, exact_group_of, thresholds,
-                                                progress, batch_size)
-            report.candidates = candidates
-            if near.get("unhashed"):
-                extra = _missing_hashes(index, near.pop("unhashed"), compute_missing_hashes)
-                report.hashes_computed = sum(1 for h in extra.values() if h)
-                for (a, b), cosine in near.pop("unhashed_pairs").items():
-                    ha = extra.get(a) or _hex_at(ids, phashes, has_phash, a)
-                    hb = extra.get(b) or _hex_at(ids, phashes, has_phash, b)
-                    if not ha or not hb:
-                        report.unconfirmed += 1
-                        continue
-                    distance = hamming(ha, hb)
-                    if distance <= thresholds.max_hamming:
-                        near["pairs"][(a, b)] = (cosine, distance)
-            near_pairs = near["pairs"]
+        exact_pairs, exact_group_of = _exact_pairs(index.pixel_hash_groups())
+        near, candidates = _near_candidates(index, ids, phashes, has_phash, exact_group_of, thresholds, progress,
+                                            batch_size)
+        report.candidates = candidates
+        if near.get("unhashed"):
+            extra = _missing_hashes(index, near.pop("unhashed"), compute_missing_hashes)
+            report.hashes_computed = sum(1 for h in extra.values() if h)
+            for (a, b), cosine in near.pop("unhashed_pairs").items():
+                ha = extra.get(a) or _hex_at(ids, phashes, has_phash, a)
+                hb = extra.get(b) or _hex_at(ids, phashes, has_phash, b)
+                if not ha or not hb:
+                    report.unconfirmed += 1
+                    continue
+                distance = hamming(ha, hb)
+                if distance <= thresholds.max_hamming:
+                    near["pairs"][(a, b)] = (cosine, distance)
+        near_pairs = near["pairs"]
 
-            uf = _UnionFind()
-            for a, b in exact_pairs:
-                uf.union(a, b)
-            for a, b in near_pairs:
-                uf.union(a, b)
-            members: dict[int, list[int]] = defaultdict(list)
-            for x in list(uf.parent):
-                members[uf.find(x)].append(x)
-            member_ids = sorted(uf.parent)
-            cases = {}
-            for start in range(0, len(member_ids), 500):
-                for case in index.cases(member_ids[start:start + 500]):
-                    cases[case.id] = case
-        finally:
-            db.close()
+        uf = _UnionFind()
+        for a, b in exact_pairs:
+            uf.union(a, b)
+        for a, b in near_pairs:
+            uf.union(a, b)
+        members: dict[int, list[int]] = defaultdict(list)
+        for x in list(uf.parent):
+            members[uf.find(x)].append(x)
+        member_ids = sorted(uf.parent)
+        cases = {}
+        for start in range(0, len(member_ids), 500):
+            for case in index.cases(member_ids[start:start + 500]):
+                cases[case.id] = case
 
     def relation(a: int, b: int) -> str:
         return patient_relation([cases[a].patient_id, cases[b].patient_id])
@@ -338,23 +301,20 @@ def find_duplicates(index_path: str | Path, thresholds: Thresholds = Thresholds(
     return report
 
 
-def _exact_pairs(db: sqlite3.Connection) -> tuple[list[tuple[int, int]], dict[int, int]]:
-    """Star edges (first case, each later copy) of every set of cases with equal pixel hashes; and id -> first id."""
-    rows = db.execute(
-        "SELECT pixel_hash, id FROM cases WHERE pixel_hash IN (SELECT pixel_hash FROM cases WHERE pixel_hash != '' "
-        "GROUP BY pixel_hash HAVING COUNT(*) > 1) ORDER BY pixel_hash, id"
-    )
-    pairs, first_of, first = [], {}, {}
-    for pixel_hash, case_id in rows:
-        if pixel_hash in first:
-            pairs.append((first[pixel_hash], case_id))
-        else:
-            first[pixel_hash] = case_id
-        first_of[case_id] = first[pixel_hash]
+def _exact_pairs(groups: list[list[int]]) -> tuple[list[tuple[int, int]], dict[int, int]]:
+    """Star edges (first case, each later copy) of every set of cases with equal pixel hashes (ids ascending, as
+    :meth:`CaseIndex.pixel_hash_groups` gives them); and id -> first id."""
+    pairs, first_of = [], {}
+    for group in groups:
+        first = group[0]
+        for case_id in group:
+            if case_id != first:
+                pairs.append((first, case_id))
+            first_of[case_id] = first
     return pairs, first_of
 
 
-def _near_candidates(index, db, ids, phashes, has_phash, exact_group_of, thresholds, progress, batch_size):
+def _near_candidates(index, ids, phashes, has_phash, exact_group_of, thresholds, progress, batch_size):
     """Embedding-neighbour pairs above min_cosine, checked against the pHash threshold, in batches of cases."""
     from tqdm import tqdm
 
@@ -364,14 +324,8 @@ def _near_candidates(index, db, ids, phashes, has_phash, exact_group_of, thresho
     candidates = 0
     k = thresholds.neighbours + 1  # the case itself comes back first
     bar = tqdm(total=len(ids), unit="case", desc="duplicates", disable=not progress, dynamic_ncols=True)
-    cursor = db.execute("SELECT id, vector FROM cases ORDER BY id")
     try:
-        while True:
-            rows = cursor.fetchmany(batch_size)
-            if not rows:
-                break
-            query_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), index.dim)
+        for query_ids, vectors in index.iter_vectors(batch_size):
             labels, sims = _neighbours(index, vectors, k)
             q = np.repeat(query_ids, labels.shape[1])
             n = labels.ravel()
@@ -396,7 +350,7 @@ def _near_candidates(index, db, ids, phashes, has_phash, exact_group_of, thresho
                     unhashed_pairs[key] = si
                 elif di <= thresholds.max_hamming:
                     confirmed[key] = (si, di)
-            bar.update(len(rows))
+            bar.update(len(query_ids))
     finally:
         bar.close()
     unhashed = sorted({x for pair in unhashed_pairs for x in pair
@@ -497,76 +451,47 @@ def pseudonymiser(key: bytes | None = None):
     return pseudonym
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.4em} h2{font-size:1.05em;margin:0 0 .5em}
-section{border:1px solid #ccc;border-radius:6px;padding:.8em;margin:1em 0}
-section.different-patient{border-color:#c0392b;background:#fdf2f0}
-.row{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;width:200px;font-size:.75em;word-break:break-all}
-figure img{display:block;max-width:192px;max-height:192px;background:#000}
-.missing{width:192px;height:120px;background:#eee;display:flex;align-items:center;justify-content:center;
- text-align:center;color:#888}
-table{border-collapse:collapse;font-size:.8em;margin-top:.6em} td,th{border:1px solid #ddd;padding:2px 6px}
-.tag{display:inline-block;border-radius:3px;padding:0 5px;margin-right:4px;background:#eee}
-.tag.exact{background:#d6eaf8}.tag.near-duplicate{background:#fdebd0}.tag.different-patient{background:#f5b7b1}
-.tag.same-patient{background:#d5f5e3}
-"""
-
-
 def write_html(report: DuplicateReport, path: str | Path, max_groups: int = 500, thumbnail_size: int = 192,
                show_patient_ids: bool = False, pseudonym_key: bytes | None = None) -> int:
     """A self-contained page (thumbnails inline, no external resources): each group's images side by side with
     their UIDs, patient (pseudonymous unless ``show_patient_ids``) and labels, and the evidence of each match.
-    Shows the first ``max_groups`` groups (different-patient groups first). Returns the number of groups shown."""
+    Shows the first ``max_groups`` groups (different-patient groups first). Returns the number of groups shown.
+    Rendered from the template ``medsim/templates/duplicates.html.j2`` (autoescaped), written as it renders."""
+    from medsim.templates import get_template
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     pseudonym = (lambda p: p or "unknown") if show_patient_ids else pseudonymiser(pseudonym_key)
-    esc = html.escape
-    t = report.thresholds
     shown = report.groups[:max_groups]
     counts = report.counts()
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        "<title>medsim duplicates</title>", f"<style>{_CSS}</style></head><body>",
-        "<h1>Duplicates and near-duplicates</h1>",
-        f"<p>Index <code>{esc(report.index)}</code>: {counts['cases']} cases, {counts['groups']} groups holding "
-        f"{counts['cases_in_groups']} cases, {counts['pairs']} matched pairs "
-        f"({esc(_counts_text(counts['pairs_by_kind'], (EXACT, NEAR)))}; "
-        f"{esc(_counts_text(counts['pairs_by_patients'], (SAME_PATIENT, DIFFERENT_PATIENT, UNKNOWN_PATIENT)))}).</p>",
-        f"<p>Exact: same decoded pixels (pixel hash). Near-duplicate: embedding cosine &ge; {t.min_cosine:g} and pHash "
-        f"distance &le; {t.max_hamming} of {PHASH_BITS} bits. Patients are "
-        f"{'shown as stored' if show_patient_ids else 'pseudonymised for this page (equal pseudonym = same patient)'}"
-        ". Groups with different patients come first.</p>",
-    ]
-    if len(shown) < len(report.groups):
-        parts.append(f"<p>Showing the first {len(shown)} of {len(report.groups)} groups; all are in the CSV.</p>")
-    for g in shown:
-        parts.append(f"<section class='{esc(g.patients)}'><h2>Group {g.number}: {len(g.cases)} images "
-                     f"<span class='tag {esc(g.kind)}'>{esc(g.kind)}</span>"
-                     f"<span class='tag {esc(g.patients)}'>{esc(g.patients)}</span></h2><div class='row'>")
-        number = {c.id: i for i, c in enumerate(g.cases, 1)}
-        for c in g.cases:
-            try:
-                img = f"<img alt='' src='{thumbnail_data_uri(c.source_path, thumbnail_size)}'>"
-            except Exception as exc:
-                img = f"<div class='missing'>no thumbnail<br>{esc(type(exc).__name__)}</div>"
-            parts.append(
-                f"<figure>{img}<figcaption><b>#{number[c.id]}</b> <b>SOP</b> {esc(c.sop_uid)}<br>"
-                f"<b>study</b> {esc(c.study_uid)}<br>"
-                f"<b>patient</b> {esc(pseudonym(c.patient_id))}<br><b>labels</b> {esc(', '.join(c.labels) or '-')}"
-                f"{'<br><b>view</b> ' + esc(c.view) if c.view else ''}</figcaption></figure>")
-        parts.append("</div><table><tr><th>image</th><th>image</th><th>match</th><th>patients</th>"
-                     "<th>cosine</th><th>pHash distance</th></tr>")
-        for p in g.pairs:
-            parts.append(f"<tr><td>#{number[p.a]}</td><td>#{number[p.b]}</td>"
-                         f"<td>{esc(p.kind)}</td><td>{esc(p.patients)}</td>"
-                         f"<td>{'' if p.cosine is None else f'{p.cosine:.4f}'}</td>"
-                         f"<td>{'' if p.hamming is None else p.hamming}</td></tr>")
-        parts.append("</table></section>")
-    parts.append("</body></html>")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, path)
-    return len(shown)
 
+    def figures(group: Group):
+        for number, case in enumerate(group.cases, 1):  # thumbnails are read one at a time, as the page is written
+            try:
+                thumbnail, error = thumbnail_data_uri(case.source_path, thumbnail_size), ""
+            except Exception as exc:
+                thumbnail, error = "", type(exc).__name__
+            yield {"number": number, "case": case, "thumbnail": thumbnail, "error": error,
+                   "patient": pseudonym(case.patient_id)}
+
+    def entries():
+        for g in shown:
+            number = {c.id: i for i, c in enumerate(g.cases, 1)}
+            pairs = [{"a": number[p.a], "b": number[p.b], "kind": p.kind, "patients": p.patients,
+                      "cosine": "" if p.cosine is None else f"{p.cosine:.4f}",
+                      "hamming": "" if p.hamming is None else p.hamming} for p in g.pairs]
+            yield {"group": g, "figures": figures(g), "pairs": pairs}
+
+    stream = get_template("duplicates.html.j2").stream(
+        report=report, counts=counts, thresholds=report.thresholds, phash_bits=PHASH_BITS,
+        show_patient_ids=show_patient_ids, shown=len(shown), groups=entries(),
+        pairs_by_kind=_counts_text(counts["pairs_by_kind"], (EXACT, NEAR)),
+        pairs_by_patients=_counts_text(counts["pairs_by_patients"], (SAME_PATIENT, DIFFERENT_PATIENT, UNKNOWN_PATIENT)))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            stream.dump(fh)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(shown)

@@ -405,3 +405,18 @@ def test_write_functions_on_an_empty_report(tmp_path):
     assert open(tmp_path / "a.csv").read().startswith("group,group_size,")
     assert write_html(report, tmp_path / "a.html") == 0
     assert "0 groups" in (tmp_path / "a.html").read_text()
+
+
+def test_html_escapes_what_the_index_holds(tmp_path):
+    """The page comes from an autoescaping Jinja2 template: UIDs, labels and patient IDs are text, never markup."""
+    from medsim.duplicates import DuplicateReport, Group, Pair
+
+    cases = [Case(sop_uid=f"1.2.<b>{i}</b>", series_uid="1.3", study_uid="1.4'\"", patient_id="<script>p</script>",
+                  source_path=f"/nowhere/{i}.dcm", labels=("A&B", "<i>x</i>"), view="PA", id=i) for i in (1, 2)]
+    group = Group(1, cases, [Pair(1, 2, NEAR, SAME_PATIENT, 0.91234, 12)])
+    report = DuplicateReport(index="<idx>", thresholds=Thresholds(), cases=2, groups=[group])
+    assert write_html(report, tmp_path / "a.html", show_patient_ids=True) == 1
+    page = (tmp_path / "a.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;p&lt;/script&gt;" in page
+    assert "1.2.&lt;b&gt;1&lt;/b&gt;" in page and "A&amp;B, &lt;i&gt;x&lt;/i&gt;" in page and "&lt;idx&gt;" in page
+    assert "<td>0.9123</td><td>12</td>" in page and "no thumbnail<br>ReadFailure" in page

@@ -1,5 +1,6 @@
 """The evaluation report: ``results.json`` (every number), ``plots/*.png`` and ``index.html``, a single file with the
-plots and thumbnails embedded, so it opens without internet and can be moved on its own.
+plots and thumbnails embedded, so it opens without internet and can be moved on its own; it is rendered from the
+Jinja2 template ``medsim/templates/evaluation.html.j2``.
 
 Thumbnails of the images appear only in the HTML under the report folder (git-ignored ``reports/``), never in docs.
 """
@@ -7,7 +8,6 @@ Thumbnails of the images appear only in the HTML under the report folder (git-ig
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 import math
@@ -188,21 +188,6 @@ def make_plots(results: dict, plots_dir: Path) -> dict[str, Path]:
 
 # ---- HTML --------------------------------------------------------------------------------------------------------
 
-CSS = """
-body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1200px;color:#222;
-line-height:1.45;padding:0 16px}
-h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:2em}
-table{border-collapse:collapse;margin:8px 0 16px;font-size:0.9em}th,td{border:1px solid #ddd;padding:4px 8px;
-text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}.ci{color:#777;font-size:0.85em}
-.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:6px 0}
-.bad{background:#fdecea;border-left:4px solid #d62728;padding:6px 10px;margin:6px 0}
-img.plot{max-width:100%;border:1px solid #eee;margin:6px 0}
-.grid td{vertical-align:top;text-align:center;font-size:0.75em;width:120px}.grid img{width:112px;height:112px;
-object-fit:contain;background:#000}.rel{border:3px solid #2ca02c}.irr{border:3px solid #d62728}
-.q{border:3px solid #1f77b4}.below{opacity:0.45}dl dt{font-weight:bold;margin-top:6px}
-"""
-
-
 def _fmt(entry, digits=3, pct=False):
     value = _v(entry)
     if value is None:
@@ -213,11 +198,6 @@ def _fmt(entry, digits=3, pct=False):
         ci = f"{100 * lo:.1f}–{100 * hi:.1f}" if pct else f"{lo:.{digits}f}–{hi:.{digits}f}"
         return f"{text} <span class='ci'>[{ci}]</span>"
     return text
-
-
-def _img_tag(path: Path, cls: str = "plot", alt: str = "") -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"<img class='{cls}' alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
 def _thumbnail(path: str, size: int = 112) -> str | None:
@@ -236,189 +216,43 @@ def _thumbnail(path: str, size: int = 112) -> str | None:
         return None
 
 
+def _method_detail(m: dict) -> str:
+    """The details cell of an evaluated method (plain text; the template escapes it): its note, then its info."""
+    info = dict(m.get("info") or {})
+    detail = "; ".join(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}"
+                       for key, value in info.items())
+    if m.get("note"):
+        detail = m["note"] + ("; " + detail if detail else "")
+    return detail
+
+
 def render_html(results: dict, plots: dict[str, Path], images_root: Path | None) -> str:
-    e = html.escape
+    """index.html, rendered from the template ``medsim/templates/evaluation.html.j2`` (autoescaped)."""
+    from markupsafe import Markup
+
+    from medsim.templates import get_template
+
     data, protocol, methods = results["data"], results["protocol"], results["methods"]
     available = _available(results)
-    k = protocol["list_k"]
-    target = protocol["target_recall"]
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>medsim evaluation</title>"
-             f"<style>{CSS}</style></head><body>"]
-    parts.append("<h1>medsim evaluation: similar-case retrieval on chest X-rays</h1>")
-    parts.append(f"<p>{e(results['created_at'])}. Command: <code>{e(results.get('command') or '')}</code>. "
-                 f"Wall time {results.get('wall_seconds', 0):.0f} s.</p>")
-    parts.append(
-        f"<p><b>Data</b>: {data['images']} labeled images of {data['patients']} patients under "
-        f"<code>{e(data['images_dir'])}</code> (labels <code>{e(data['labels_csv'])}</code>). Sources: "
-        + ", ".join(f"{e(s)} {n}" for s, n in data["sources"].items()) + ".</p>")
-    parts.append(
-        f"<p><b>Protocol</b>: every image is a query against all the others (the gallery); the query itself"
-        f"{'' if protocol['include_same_patient'] else ' and every image of its own patient are'}"
-        f"{' is' if protocol['include_same_patient'] else ''} excluded. A gallery image is <b>relevant</b> when it "
-        f"{e(protocol['relevance_text'])}. {protocol['valid_pairs']:,} query/gallery pairs, "
-        f"{protocol['relevant_pairs']:,} relevant: base rate {100 * (protocol['pairwise_base_rate'] or 0):.1f} %. "
-        f"{protocol['queries_with_relevant']} of {protocol['queries']} queries have at least one relevant image.</p>")
-    for note in data.get("notes", []) + results.get("notes", []):
-        parts.append(f"<div class='note'>{e(note)}</div>")
-    for m in methods:
-        if not m.get("available"):
-            parts.append(f"<div class='bad'><b>{e(m['title'])}: not evaluated.</b> "
-                         f"{e(m.get('unavailable_reason') or '')}</div>")
+    items = data.get("items")
+    thumbs: dict[int, str | None] = {}
 
-    # Paper-style table at the operating point.
-    parts.append("<h2>Paper-style table: pairwise metrics at the calibrated operating point</h2>")
-    parts.append(
-        f"<p>Threshold per method: the one reaching list recall@{k} = {target} (definition below), cross-fitted "
-        f"across two patient folds. Accuracy, precision, recall and F1 are the method paper's pairwise set metrics "
-        f"at that threshold; the list figures beside them are what a user of a top-{k} list sees. 95 % bootstrap "
-        f"CIs in brackets.</p>")
-    head = ("<tr><th class='l'>method</th><th>accuracy</th><th>precision</th><th>recall</th><th>F1</th>"
-            f"<th>list recall@{k}</th><th>list precision</th><th>P@{k} without threshold</th>"
-            "<th>empty lists</th><th>kept / query</th><th>threshold (fold 0 / 1)</th></tr>")
-    rows = []
-    for m in available:
-        op = m["operating_point"]
-        th = op["thresholds"]
-        rows.append(
-            f"<tr><td class='l'>{e(m['title'])}</td><td>{_fmt(op['accuracy'])}</td><td>{_fmt(op['precision'])}</td>"
-            f"<td>{_fmt(op['recall'])}</td><td>{_fmt(op['f1'])}</td><td>{_fmt(op['list_recall'])}</td>"
-            f"<td>{_fmt(op['list_precision'])}</td><td>{_fmt(op.get(f'precision_at_{k}_without_threshold'))}</td>"
-            f"<td>{_fmt(op['empty_rate'])}</td><td>{_fmt(op['kept_per_query'], 1)}</td>"
-            f"<td>{_fmt(th.get('fold0'), 4)} / {_fmt(th.get('fold1'), 4)}</td></tr>")
-    parts.append(f"<table>{head}{''.join(rows)}</table>")
+    def thumb(i: int) -> str:
+        if i not in thumbs:
+            thumbs[i] = _thumbnail(str(Path(images_root) / items[i]["path"]))
+        return thumbs[i] or ""
 
-    parts.append("<h2>At the break-even point (pairwise precision = recall)</h2>")
-    head = ("<tr><th class='l'>method</th><th>accuracy</th><th>precision</th><th>recall</th><th>F1</th>"
-            "<th>threshold</th><th>pairwise AP</th></tr>")
-    rows = [f"<tr><td class='l'>{e(m['title'])}</td><td>{_fmt(m['break_even']['accuracy'])}</td>"
-            f"<td>{_fmt(m['break_even']['precision'])}</td><td>{_fmt(m['break_even']['recall'])}</td>"
-            f"<td>{_fmt(m['break_even']['f1'])}</td><td>{_fmt(m['break_even']['threshold'], 4)}</td>"
-            f"<td>{_fmt(m['pairwise_average_precision'])}</td></tr>" for m in available]
-    parts.append(f"<table>{head}{''.join(rows)}</table>")
-
-    parts.append("<h2>Ranking metrics</h2>")
-    ks = protocol["ks"]
-    head = "<tr><th class='l'>method</th>" + "".join(
-        f"<th>{name}@{kk}</th>" for kk in ks for name in ("P", "R", "mAP", "nDCG")) + "</tr>"
-    rows = []
-    for m in available:
-        cells = "".join(f"<td>{_fmt(m['ranking'][f'{name}@{kk}'])}</td>" for kk in ks
-                        for name in ("P", "R", "mAP", "nDCG"))
-        rows.append(f"<tr><td class='l'>{e(m['title'])}</td>{cells}</tr>")
-    parts.append(f"<div style='overflow-x:auto'><table>{head}{''.join(rows)}</table></div>")
-
-    for name, heading, caption in (
-            ("pr_curves", "Precision-recall curves", "Pairwise precision-recall curves of all methods, with the "
-             "break-even points (o) and the calibrated operating points (*)."),
-            ("list_curves", "The operating point on the result list", f"List recall@{k} against list precision as "
-             "the threshold moves; * = the calibrated operating point."),
-            ("p_at_k", "Precision at k", "Mean P@k for k = 1..50."),
-            ("per_finding", "Per finding", "P@10 per finding (relevant = has the finding), with 95 % CIs."),
-            ("per_source", "Per source", "P@10 per query source, and the share of top-10 results from the "
-             "query's own source.")):
-        if name in plots:
-            parts.append(f"<h2>{e(heading)}</h2><p>{e(caption)}</p>" + _img_tag(plots[name], alt=name))
-
-    # Per-finding and per-source tables.
     findings = sorted({f for m in available for f in m.get("per_finding", {})})
-    if findings:
-        parts.append("<h2>Per-finding breakdown</h2><p>" + e(protocol["definitions"]["per_finding"]) + "</p>")
-        head = "<tr><th class='l'>finding</th><th>queries</th><th>base rate</th>" + "".join(
-            f"<th>{e(m['key'])} P@10</th><th>{e(m['key'])} mAP@10</th>" for m in available) + "</tr>"
-        rows = []
-        for f in findings:
-            first = next(m["per_finding"][f] for m in available if f in m["per_finding"])
-            cells = "".join(
-                f"<td>{_fmt(m['per_finding'].get(f, {}).get('P@10'))}</td>"
-                f"<td>{_fmt(m['per_finding'].get(f, {}).get('mAP@10'))}</td>" for m in available)
-            rows.append(f"<tr><td class='l'>{e(f)}</td><td>{first['queries']}</td><td>{_fmt(first['base_rate'])}</td>"
-                        f"{cells}</tr>")
-        parts.append(f"<div style='overflow-x:auto'><table>{head}{''.join(rows)}</table></div>")
     sources = sorted({s for m in available for s in m.get("per_source", {})})
-    if sources:
-        parts.append("<h2>Per-source breakdown</h2><p>" + e(protocol["definitions"]["per_source"]) + "</p>")
-        head = "<tr><th class='l'>source</th><th>queries</th><th>base rate</th>" + "".join(
-            f"<th>{e(m['key'])} P@10</th><th>{e(m['key'])} mAP@10</th><th>{e(m['key'])} BEP F1</th>"
-            f"<th>{e(m['key'])} same source</th>" for m in available) + "</tr>"
-        rows = []
-        for s in sources:
-            first = next(m["per_source"][s] for m in available if s in m["per_source"])
-            cells = "".join(
-                f"<td>{_fmt(m['per_source'].get(s, {}).get('P@10'))}</td>"
-                f"<td>{_fmt(m['per_source'].get(s, {}).get('mAP@10'))}</td>"
-                f"<td>{_fmt(m['per_source'].get(s, {}).get('break_even_f1'))}</td>"
-                f"<td>{_fmt(m['per_source'].get(s, {}).get('same_source_in_top10'))}</td>" for m in available)
-            rows.append(f"<tr><td class='l'>{e(s)}</td><td>{first['queries']}</td>"
-                        f"<td>{_fmt(first['pairwise_base_rate'])}</td>{cells}</tr>")
-        parts.append(f"<div style='overflow-x:auto'><table>{head}{''.join(rows)}</table></div>")
-
-    # Methods' details.
-    parts.append("<h2>Methods</h2><table><tr><th class='l'>method</th><th class='l'>details</th>"
-                 "<th>features (s)</th><th>metrics (s)</th></tr>")
-    for m in methods:
-        info = dict(m.get("info") or {})
-        detail = "; ".join(f"{e(str(key))}: {e(json.dumps(value) if isinstance(value, dict) else str(value))}"
-                           for key, value in info.items())
-        if m.get("note"):
-            detail = e(m["note"]) + ("; " + detail if detail else "")
-        if not m.get("available"):
-            detail = "<b>unavailable</b>: " + e(m.get("unavailable_reason") or "")
-        parts.append(f"<tr><td class='l'>{e(m['title'])}</td><td class='l'>{detail}</td>"
-                     f"<td>{m.get('seconds_features', '')}{' (cached)' if m.get('cached') else ''}</td>"
-                     f"<td>{m.get('seconds_metrics', '')}</td></tr>")
-    parts.append("</table>")
-
-    # Examples.
-    if images_root is not None and available and available[0].get("examples"):
-        items = data["items"]
-        thumbs: dict[int, str | None] = {}
-
-        def thumb(i):
-            if i not in thumbs:
-                thumbs[i] = _thumbnail(str(Path(images_root) / items[i]["path"]))
-            return thumbs[i]
-
-        parts.append(
-            "<h2>Example queries</h2><p>Each block: the query (blue) and its top results per method, with score and "
-            "labels; green border = relevant, red = not relevant; faded = below the method's calibrated threshold "
-            "(dropped from a thresholded list). Images of other patients only.</p>")
-        for n, example in enumerate(available[0]["examples"]):
-            q = example["query"]
-            qi = items[q]
-            parts.append("<table class='grid'><tr>")
-            src = thumb(q)
-            parts.append(f"<td><img class='q' src='{src or ''}' alt='query'><br><b>query</b><br>"
-                         f"{e('|'.join(qi['labels']))}<br>{e(qi['source'])}</td>")
-            parts.append("</tr></table><table class='grid'>")
-            for m in available:
-                hits = m["examples"][n]["hits"] if n < len(m["examples"]) else []
-                cells = [f"<td class='l' style='width:140px'><b>{e(m['title'])}</b></td>"]
-                for hit in hits:
-                    item = items[hit["item"]]
-                    cls = "rel" if hit["relevant"] else "irr"
-                    fade = "" if hit["above_threshold"] else " below"
-                    cells.append(f"<td class='{fade.strip()}'><img class='{cls}' src='{thumb(hit['item']) or ''}' "
-                                 f"alt='result'><br>{hit['score']:.3f}<br>{e('|'.join(item['labels']))}<br>"
-                                 f"<span class='ci'>{e(item['source'])}</span></td>")
-                parts.append("<tr>" + "".join(cells) + "</tr>")
-            parts.append("</table>")
-
-    # Definitions.
-    parts.append("<h2>Definitions</h2><dl>")
-    titles = {"pairwise": "Pairwise set metrics (accuracy, precision, recall, F1)",
-              "break_even": "Break-even point", "operating_point": "Calibrated operating point",
-              "list_recall": f"List recall@{k}, list precision, empty rate", "ranking": "Ranking metrics",
-              "bootstrap": "Confidence intervals", "per_finding": "Per finding", "per_source": "Per source"}
-    for key, text in protocol["definitions"].items():
-        parts.append(f"<dt>{e(titles.get(key, key))}</dt><dd>{e(text)}</dd>")
-    parts.append(
-        f"<dt>Why list recall and not pairwise recall</dt><dd>With this relevance, "
-        f"{100 * (protocol['pairwise_base_rate'] or 0):.0f} % of all pairs are relevant, so any threshold that keeps "
-        f"90 % of all relevant pairs keeps most pairs of any kind and leaves pairwise precision near that base rate "
-        f"for every method. List recall asks the question a user has: of the relevant cases my top-{k} list showed, "
-        f"how many does the threshold keep, and what does it cost (list precision, empty lists).</dd>")
-    parts.append("</dl><p class='ci'>Every number on this page is in results.json next to it.</p></body></html>")
-    return "\n".join(parts)
+    return get_template("evaluation.html.j2").render(
+        results=results, data=data, protocol=protocol, methods=methods, available=available,
+        k=protocol["list_k"], target=protocol["target_recall"],
+        plots={name: base64.b64encode(Path(path).read_bytes()).decode() for name, path in plots.items()},
+        finding_rows=[(f, next(m["per_finding"][f] for m in available if f in m["per_finding"])) for f in findings],
+        source_rows=[(s, next(m["per_source"][s] for m in available if s in m["per_source"])) for s in sources],
+        examples=bool(images_root is not None and available and available[0].get("examples")), items=items,
+        fmt=lambda entry, digits=3, pct=False: Markup(_fmt(entry, digits, pct)),  # numbers and a <span>: safe
+        thumb=thumb, method_detail=_method_detail)
 
 
 # ---- Markdown summary (for docs/evaluation.md) -------------------------------------------------------------------
