@@ -57,6 +57,7 @@ STUDIES_JSON = json.dumps([{"0020000D": {"vr": "UI", "Value": ["1.2.3"]},
                             "00081030": {"vr": "LO", "Value": ["CHEST 1 VIEW"]}}] * 50).encode()
 FRAME = bytes(range(256)) * 64
 BOUNDARY = "fake-boundary-1"
+SLOW_PATH = "/dicom-web/studies/9.9.9/metadata"  # an allowed route the fake PACS answers late
 
 
 class FakePacsHandler(http.server.BaseHTTPRequestHandler):
@@ -93,7 +94,7 @@ class FakePacsHandler(http.server.BaseHTTPRequestHandler):
                     + f"\r\n--{BOUNDARY}--\r\n".encode())
             self._send(200, body, {"Content-Type": f'multipart/related; type="application/octet-stream"; '
                                                    f"boundary={BOUNDARY}"})
-        elif path == "/dicom-web/slow":
+        elif path == SLOW_PATH:
             time.sleep(2.5)
             self._send(200, b"late", {"Content-Type": "text/plain"})
         else:
@@ -300,7 +301,7 @@ def test_proxy_head_and_errors_pass_through(client):
     assert head.status_code == 200
     assert head.data == b""
     assert int(head.headers["Content-Length"]) == len(STUDIES_JSON)
-    missing = client.get("/dicom-web/nothing-here")
+    missing = client.get("/dicom-web/studies/1.2.3/series/4.5/metadata")  # a route the proxy serves
     assert missing.status_code == 404
     assert missing.data == b'{"Message": "Unknown resource"}', "the PACS's own answer"
 
@@ -314,7 +315,7 @@ def test_proxy_is_read_only_and_refuses_traversal(client, fake_pacs):
 
 
 def test_proxy_pacs_down_and_slow(tmp_path, viewer_dist, fake_pacs):
-    from medsim.pacs import free_port
+    from medsim.orthanc import free_port
 
     down = make_app(tmp_path, viewer_dist, pacs_url=f"http://127.0.0.1:{free_port()}/dicom-web").test_client()
     response = down.get("/dicom-web/studies")
@@ -322,7 +323,7 @@ def test_proxy_pacs_down_and_slow(tmp_path, viewer_dist, fake_pacs):
     assert response.json["error"]["code"] == "pacs-unavailable"
     slow = make_app(tmp_path, viewer_dist, pacs_url=fake_pacs.dicomweb_url, pacs_timeout=0.5).test_client()
     started = time.monotonic()
-    response = slow.get("/dicom-web/slow")
+    response = slow.get(SLOW_PATH)
     assert response.status_code == 504
     assert response.json["error"]["code"] == "pacs-timeout"
     assert time.monotonic() - started < 2.4

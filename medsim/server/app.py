@@ -1,7 +1,8 @@
 """The app factory and the production server.
 
 ``create_app(settings)`` builds the Flask app: the versioned API blueprint ``/api/v1`` (similar, cases, index; bearer
-tokens checked on the blueprint), ``/healthz``, the OpenAPI document, JSON errors, CORS, request ids and the audit log.
+tokens checked on the blueprint), ``/healthz``, the OpenAPI document, JSON errors (never naming server paths), the
+Host-header allow-list (every route), CORS, request ids and the audit log.
 Further blueprints (the viewer's static files and the DICOMweb proxy to the PACS) register beside the API blueprint
 with their own rules, through ``extra_blueprints`` or on the returned app.
 
@@ -84,6 +85,10 @@ def serve(settings: Settings) -> None:
 
     def _stop(signum, frame):  # SIGTERM (systemd, docker stop) ends the server like Ctrl-C, through the finally below
         raise SystemExit(0)
+
+    if settings.host in ("0.0.0.0", "::", "") and not settings.allowed_hosts and not settings.public_url:
+        log.warning("listening on all interfaces, but only requests with a loopback Host header are answered (421 "
+                    "otherwise): name the host clients use with --allowed-host or --public-url")
 
     signal.signal(signal.SIGTERM, _stop)
     # The model, index and libraries are loaded and live as long as the process: keep them out of the garbage

@@ -3,7 +3,8 @@
 ``GET /api/v1/cases/<sop_uid>`` returns the case's UIDs, labels, view and pseudonymous patient reference.
 ``GET /api/v1/cases/<sop_uid>/thumbnail`` returns a PNG (longest side ``thumbnail_size``), made from the indexed file
 (or fetched from the PACS when the index holds a DICOMweb URL or the file has moved) and cached in memory and on disk.
-Responses carry an ETag and may be cached privately by the browser.
+The image must carry the case's SOP Instance UID and the catalog's pixel hash (409 ``source-mismatch`` otherwise, see
+:class:`~medsim.server.state.Thumbnails`). Responses carry an ETag and may be cached privately by the browser.
 """
 
 from __future__ import annotations

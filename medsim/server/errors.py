@@ -5,11 +5,17 @@
 Pipeline errors map onto HTTP: an instance the PACS does not hold is 404, a PACS that is down or times out is
 502/504, a non-chest or unreadable image is 422, a body over the size limit is 413, a wrong content type is 415.
 Unexpected exceptions are logged with their traceback and answered 500 without internals; the server stays up.
+
+No response names a server path: :func:`scrub` replaces anything that looks like a filesystem path (absolute, ``~/``,
+``file://``) or a temporary file's name (``medsim-query-*.dcm``, ``tmp*``) in every message and detail with
+``<file>``, here where errors become responses, whatever raised them (a moved or truncated source, a decoder's
+message about the upload's temporary file). The log keeps the full message.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 
 from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
@@ -31,10 +37,38 @@ class ApiError(Exception):
         self.detail = detail
 
 
+PATH_PLACEHOLDER = "<file>"
+_PATH_PATTERNS = (
+    # a quoted path, which may hold spaces; an unterminated quote (a message cut short) runs to the end of the line
+    re.compile(r"""(?P<q>['"`])(?:file://)?~?/[^'"`\n]*(?:(?P=q)|$)""", re.MULTILINE),
+    re.compile(r"""file://\S*"""),
+    # an unquoted absolute or home path: a slash that starts a word (not "application/dicom", not a URL's path)
+    re.compile(r"""(?<![\w.:/~%@\\-])~?/[^\s'"`<>(){}\[\],;|]+"""),
+    re.compile(r"""\\\\[^\s'"`]+|\b[A-Za-z]:\\[^\s'"`]*"""),  # Windows and UNC paths
+    # temporary files named alone: the upload's medsim-query-*.dcm, tempfile's tmpXXXXXXXX
+    re.compile(r"""\bmedsim-[\w-]*?query[\w.-]*"""),
+    re.compile(r"""\btmp[a-z0-9_]{6,}(?:\.\w+)?\b"""),
+)
+
+
+def scrub(text):
+    """``text`` without server paths or temporary file names (each becomes ``<file>``); other values unchanged,
+    lists and dicts scrubbed item by item."""
+    if isinstance(text, str):
+        for pattern in _PATH_PATTERNS:
+            text = pattern.sub(PATH_PLACEHOLDER, text)
+        return text
+    if isinstance(text, dict):
+        return {k: scrub(v) for k, v in text.items()}
+    if isinstance(text, (list, tuple)):
+        return [scrub(v) for v in text]
+    return text
+
+
 def error_response(status: int, code: str, message: str, **detail):
-    body = {"status": status, "code": code, "message": message, "request_id": getattr(g, "request_id", None)}
+    body = {"status": status, "code": code, "message": scrub(message), "request_id": getattr(g, "request_id", None)}
     if detail:
-        body["detail"] = detail
+        body["detail"] = scrub(detail)
     response = jsonify({"error": body})
     response.status_code = status
     g.error_code = code

@@ -3,6 +3,10 @@
 * Auth: when any token is configured, every ``/api/v1`` request needs ``Authorization: Bearer <token>``
   (401 otherwise). Thumbnail URLs in responses are signed and expire, so an ``<img src>`` works without the header.
   ``/healthz`` and the OpenAPI document are open. Settings refuse to listen beyond loopback without tokens.
+* Host: a request whose ``Host`` header names a host the server was not configured for is refused (421, JSON) on
+  every route, before anything else: loopback names (127.0.0.1, localhost, [::1], any port), the host of
+  ``public_url`` and ``allowed_hosts`` pass. Without it a web page could read the token-less loopback server (API
+  and DICOMweb proxy) through DNS rebinding (``Host: rebind.attacker.example``).
 * CORS: only origins in ``cors_origins`` get ``Access-Control-Allow-Origin``; preflights are answered without auth.
 * Audit: one JSON line per API request: time (UTC), client (token name, or "anonymous"), remote address, method,
   path, status, duration, request id, and what was asked (query UIDs, k, mode, result count). Never patient names,
@@ -23,6 +27,7 @@ from pathlib import Path
 from flask import Blueprint, Flask, current_app, g, request
 
 from medsim.server.errors import ApiError
+from medsim.server.settings import host_allow_list, host_name, is_loopback
 
 audit_log = logging.getLogger("medsim.audit")
 
@@ -77,8 +82,28 @@ def require_token(blueprint: Blueprint) -> None:
         raise ApiError(401, "unauthorized", "this API needs 'Authorization: Bearer <token>'")
 
 
+def check_host(allowed: frozenset[str] | None) -> None:
+    """Refuse a Host header outside ``allowed`` (None: any) with a 421, a malformed one with a 400. A request without
+    a Host header (HTTP/1.0 from a script; browsers always send one) passes."""
+    if allowed is None:
+        return
+    header = request.environ.get("HTTP_HOST")
+    if header is None:
+        return
+    name = host_name(header)
+    if name is None:
+        raise ApiError(400, "bad-host", "the Host header is not a valid host name")
+    if name in allowed or is_loopback(name):
+        return
+    shown = header if len(header) <= 100 else header[:100] + "..."
+    raise ApiError(421, "host-not-allowed",
+                   f"this server does not answer for Host {shown!r} (a guard against DNS rebinding); add the host to "
+                   "allowed_hosts (--allowed-host, MEDSIM_ALLOWED_HOSTS) if it is meant to reach this server")
+
+
 def register(app: Flask) -> None:
     origins = set(app.config["MEDSIM_CORS_ORIGINS"])
+    allowed_hosts = host_allow_list(app.config["MEDSIM_SETTINGS"])
 
     @app.before_request
     def _start():
@@ -86,6 +111,7 @@ def register(app: Flask) -> None:
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
         g.client = "anonymous"
+        check_host(allowed_hosts)
         origin = request.headers.get("Origin")
         if (request.method == "OPTIONS" and origin and request.headers.get("Access-Control-Request-Method")
                 and request.path.startswith("/api/")):

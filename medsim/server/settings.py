@@ -8,6 +8,7 @@ Config file (TOML or JSON; the keys are the field names below, at the top level 
     host = "0.0.0.0"
     port = 8000
     cors_origins = ["http://localhost:3000"]
+    allowed_hosts = ["medsim.example.org"]   # Host header names answered besides loopback (DNS rebinding guard)
     viewer_url_template = "/viewer?StudyInstanceUIDs={study_uid}"
     [serve.tokens]              # client name -> bearer token; the name is what the audit log records
     ohif = "a-long-random-token"
@@ -24,8 +25,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from string import Formatter
 from urllib.parse import urlsplit
@@ -67,6 +69,10 @@ class Settings:
     """'open in viewer' link; placeholders {study_uid} {series_uid} {sop_uid}"""
     public_url: str = ""
     """prefix for URLs in responses (e.g. https://host/medsim); empty: relative to this server's root"""
+    allowed_hosts: list[str] = field(default_factory=list)
+    """host names (or IP addresses) that requests may name in their Host header, besides loopback (127.0.0.1,
+localhost, [::1]), the host of public_url and a non-wildcard host; any port; others get 421 (guards against DNS
+rebinding). '*' turns the check off (only with tokens)"""
     max_upload_bytes: int = 64 * 1024 * 1024
     """largest accepted request body (DICOM upload)"""
     max_instance_bytes: int = 256 * 1024 * 1024
@@ -101,6 +107,19 @@ class Settings:
     """load the model and the vector graph at start-up rather than on the first query"""
     viewer_dir: Path | None = None
     """prebuilt OHIF viewer to serve at / with the medsim plugin and a DICOMweb proxy to pacs_url (`make viewer`)"""
+    max_decode_pixels: int = 25_000_000
+    """largest image (rows x columns) decoded for a query, upload or PACS instance; checked in the header before
+decoding (detector images are at most ~4.3k x 4.3k = 18.5M pixels); larger ones get 413"""
+    max_inflated_bytes: int = 128 * 1024 * 1024
+    """largest size a deflated DICOM file (transfer syntax 1.2.840.10008.1.2.1.99) may inflate to; checked in a
+bounded stream before it is parsed; larger ones get 413"""
+    max_concurrent_decodes: int = 2
+    """images decoded at once (one decode may take several hundred MB); further requests wait for a slot"""
+    decode_queue_timeout: float = 5.0
+    """seconds a request waits for a decode slot before it gets 503 with Retry-After"""
+    index_check_interval: float = 2.0
+    """seconds between checks for a newer committed index (build-index adding cases, calibrate), which is then
+loaded in the background and swapped in atomically; 0: serve the index as loaded at start-up"""
 
     # ---- loading -------------------------------------------------------------------------------------------------
 
@@ -125,9 +144,6 @@ class Settings:
         if unknown:
             raise SettingsError(f"unknown setting(s): {', '.join(unknown)} (known: {', '.join(sorted(hints))})")
         return cls(**{name: coerce(name, hints[name], value) for name, value in values.items()})
-
-    def with_overrides(self, **changes) -> "Settings":
-        return replace(self, **{k: coerce(k, _hints()[k], v) for k, v in changes.items()})
 
     # ---- checks --------------------------------------------------------------------------------------------------
 
@@ -179,6 +195,13 @@ class Settings:
         if names - VIEWER_PLACEHOLDERS:
             raise SettingsError(f"viewer_url_template: unknown placeholder(s) {sorted(names - VIEWER_PLACEHOLDERS)}; "
                                 f"use {sorted(VIEWER_PLACEHOLDERS)}")
+        for entry in self.allowed_hosts:
+            if entry == "*":
+                if not tokens:
+                    raise SettingsError("allowed_hosts '*' (any Host header) requires bearer tokens: without them "
+                                        "any web page could read the API and the PACS by DNS rebinding")
+            elif host_name(entry) is None:
+                raise SettingsError(f"allowed_hosts: not a host name or IP address: {entry!r}")
         for name in ("port", "threads", "max_upload_bytes", "max_instance_bytes", "default_k", "max_k",
                      "thumbnail_size", "thumbnail_url_ttl"):
             if getattr(self, name) <= 0:
@@ -197,6 +220,52 @@ class Settings:
             if data[secret]:
                 data[secret] = "***"
         return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
+
+
+def host_allow_list(settings: "Settings") -> frozenset[str] | None:
+    """The host names a request's Host header may carry (lower case, no port, IPv6 without brackets): loopback, the
+    host of ``public_url``, a listening address that is not a wildcard, and ``allowed_hosts``. None: any ('*')."""
+    if "*" in settings.allowed_hosts:
+        return None
+    names = {"localhost", "127.0.0.1", "::1"}
+    for entry in [settings.public_url, settings.host, *settings.allowed_hosts]:
+        name = host_name(entry) if entry else None
+        if name and name not in ("0.0.0.0", "::"):
+            names.add(name)
+    return frozenset(names)
+
+
+def host_name(value: str) -> str | None:
+    """The host name of a Host header, ``host[:port]``, ``[v6]:port`` or URL, normalised (lower case, no trailing
+    dot, IPv6 without brackets); None when it is not a plausible host name or IP address."""
+    value = (value or "").strip()
+    if "//" in value:
+        try:
+            value = urlsplit(value).netloc.rsplit("@", 1)[-1]
+        except ValueError:
+            return None
+    if value.startswith("["):
+        inside, sep, rest = value[1:].partition("]")
+        if not sep or (rest and not _PORT_RE.fullmatch(rest)):
+            return None
+        try:
+            return ipaddress.IPv6Address(inside).compressed
+        except ValueError:
+            return None
+    if value.count(":") > 1:  # a bare IPv6 address (a settings value, never a Host header)
+        try:
+            return ipaddress.IPv6Address(value).compressed
+        except ValueError:
+            return None
+    name, _, port = value.partition(":")
+    if _ and not _PORT_RE.fullmatch(":" + port):
+        return None
+    name = name.lower().rstrip(".")
+    return name if _HOST_RE.fullmatch(name) else None
+
+
+_HOST_RE = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
+_PORT_RE = re.compile(r":[0-9]{1,5}")
 
 
 def is_loopback(host: str) -> bool:
@@ -336,6 +405,10 @@ def add_arguments(parser) -> None:
                         help="allow this browser origin (repeatable), e.g. http://localhost:3000")
     parser.add_argument("--viewer-url-template", help=help_text("viewer_url_template"))
     parser.add_argument("--public-url", help=help_text("public_url"))
+    parser.add_argument("--allowed-host", dest="allowed_hosts", action="append", metavar="HOST",
+                        help="also answer requests whose Host header names this host (repeatable), e.g. "
+                        "medsim.example.org; loopback names and the host of --public-url always are; others get "
+                        "421 (DNS rebinding guard) (env MEDSIM_ALLOWED_HOSTS, comma-separated)")
     parser.add_argument("--max-upload-mb", type=float, help="largest upload in MiB (default: 64)")
     parser.add_argument("--pacs-timeout", type=float, help=help_text("pacs_timeout") + " (default: 20)")
     parser.add_argument("--cache-dir", type=Path, help=help_text("cache_dir"))
@@ -348,7 +421,8 @@ def settings_from_args(args) -> Settings:
     overrides = {
         name: getattr(args, name, None)
         for name in ("index", "pacs_url", "host", "port", "threads", "model", "token_file", "cors_origins",
-                     "viewer_url_template", "public_url", "pacs_timeout", "cache_dir", "audit_log", "viewer_dir")
+                     "viewer_url_template", "public_url", "allowed_hosts", "pacs_timeout", "cache_dir", "audit_log",
+                     "viewer_dir")
     }
     if getattr(args, "max_upload_mb", None) is not None:
         overrides["max_upload_bytes"] = int(args.max_upload_mb * 1024 * 1024)

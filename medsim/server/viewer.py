@@ -10,7 +10,12 @@ API, so one origin serves everything and the browser needs no CORS:
   ``/dicom-web``), the medsim extension and mode (plain ES modules, by URL), and the plugin's settings
   (``window.config.medsim``);
 * ``/medsim-plugin/*``: the plugin's modules (``plugin/ohif/src``);
-* ``/dicom-web/*``: a read-only reverse proxy (GET/HEAD) to ``pacs_url``. The raw query string and the request's
+* ``/dicom-web/*``: a read-only reverse proxy (GET/HEAD) to ``pacs_url``, for the DICOMweb read routes the viewer
+  uses and no others (:data:`ALLOWED_ROUTES`: QIDO-RS searches for studies, series and instances; WADO-RS metadata,
+  instances, frames, bulk data, rendered and thumbnail; anything else, such as Orthanc's ``/dicom-web/servers`` or
+  ``/dicom-web/info``, is 404 without asking the PACS). A path with a NUL or other control character, a dot
+  segment, a backslash or a percent sign left after decoding (``%2e``, ``%00``, ``%5c``, ``%252e``) is 400. The raw
+  query string and the request's
   ``Accept``/``Accept-Encoding`` go upstream unchanged, and the answer comes back as sent: status, content type,
   ``Content-Encoding`` (compressed bodies are passed through, never decoded), length, caching headers. Orthanc is
   told the public host (``Forwarded``) so the BulkDataURIs in its metadata point back at this proxy. When the
@@ -24,8 +29,10 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import mimetypes
 import posixpath
+import re
 import socket
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -35,6 +42,8 @@ from flask import Blueprint, Response, abort, current_app, request, send_from_di
 from medsim.server import security
 from medsim.server.errors import ApiError
 from medsim.server.settings import Settings, SettingsError
+
+log = logging.getLogger("medsim.server")
 
 PLUGIN_PREFIX = "/medsim-plugin"
 DICOMWEB_PREFIX = "/dicom-web"
@@ -51,6 +60,24 @@ FORWARD_RESPONSE = ("Content-Type", "Content-Encoding", "Content-Length", "Conte
                     "Last-Modified", "Cache-Control", "Expires", "Vary", "Content-Disposition", "Content-Location",
                     "Warning")
 CHUNK = 256 * 1024
+# The DICOMweb read routes the viewer (and the plugin's QIDO-RS study look-up) use, below /dicom-web/; the path is
+# matched after percent-decoding, UIDs are digits and dots (at most 64 characters).
+_UID = r"[0-9]{1,64}(?:\.[0-9]{1,64}){0,63}"
+_STUDY = rf"studies/{_UID}"
+_SERIES = rf"{_STUDY}/series/{_UID}"
+_INSTANCE = rf"{_SERIES}/instances/{_UID}"
+_FRAMES = r"frames/[0-9]{1,6}(?:,[0-9]{1,6}){0,999}"
+_BULK = r"bulk(?:data)?(?:/[0-9A-Fa-f]{8}(?:/[0-9]{1,6}/[0-9A-Fa-f]{8})*)?"
+ALLOWED_ROUTES = re.compile("|".join([
+    r"studies|series|instances",                                      # QIDO-RS: all studies, series, instances
+    rf"{_STUDY}/(?:series|instances)",                                # QIDO-RS within a study
+    rf"{_SERIES}/instances",                                          # QIDO-RS within a series
+    rf"(?:{_STUDY}|{_SERIES}|{_INSTANCE})/(?:metadata|thumbnail)",    # WADO-RS metadata, thumbnails
+    rf"{_INSTANCE}",                                                  # WADO-RS one instance
+    rf"{_INSTANCE}/(?:rendered|{_FRAMES}(?:/rendered|/thumbnail)?)",  # WADO-RS rendered, frames
+    rf"{_INSTANCE}/{_BULK}",                                          # bulk data (Orthanc's BulkDataURIs)
+]))
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
 mimetypes.add_type("application/wasm", ".wasm")
@@ -226,13 +253,28 @@ class _Upstream:
         self.conn.close()
 
 
+def check_proxy_path(rest: str, raw_query: bytes = b"") -> None:
+    """Raise a 400 for a path (``rest``, below /dicom-web/, percent-decoded once) that could leave the DICOMweb root
+    upstream: control characters (NUL), dot segments, backslashes, or a percent sign left after decoding (a
+    double-encoded ``%252e``); and for a NUL in the raw query string. Raise a 404 for a path that is not one of
+    :data:`ALLOWED_ROUTES`."""
+    segments = rest.split("/")
+    if (_CONTROL.search(rest) or "\\" in rest or "%" in rest or any(s.startswith(".") for s in segments)
+            or re.search(rb"%00|[\x00-\x1f\x7f]", raw_query)):
+        raise ApiError(400, "bad-request", "invalid DICOMweb path (control characters, dot segments, backslashes "
+                       "or percent signs after decoding)")
+    if ALLOWED_ROUTES.fullmatch(rest) is None:
+        # a viewer that needs another route shows up here (the path is UIDs and names: no patient data)
+        log.warning("DICOMweb proxy: not an allowed route: %r", rest[:200])
+        raise ApiError(404, "not-found", "not a DICOMweb route this proxy serves (QIDO-RS searches and WADO-RS "
+                       "reads of studies, series and instances)")
+
+
 def _proxy(rest: str):
     settings: Settings = current_app.config["MEDSIM_SETTINGS"]
+    check_proxy_path(rest, request.query_string)
     if not settings.pacs_url:
         raise ApiError(404, "no-pacs", "no PACS is configured (pass --pacs), so there is no DICOMweb to proxy")
-    segments = rest.split("/") if rest else []
-    if any(s in (".", "..") for s in segments) or "\\" in rest:
-        raise ApiError(400, "bad-request", "invalid DICOMweb path")
     target = urlsplit(settings.pacs_url).path.rstrip("/") + ("/" + quote(rest, safe=PATH_SAFE) if rest else "")
     raw_query = request.query_string.decode("latin-1")  # exactly as the browser sent it: never re-encoded
     if raw_query:
