@@ -1,30 +1,69 @@
 """Read a DICOM file into a display-ready radiograph, and decide whether it is a chest radiograph.
 
 Display pipeline (DICOM PS3.3 C.11, PS3.4 N.2): stored values -> Modality LUT or Rescale Slope/Intercept -> VOI LUT
-Sequence, else the first Window Center/Width, else the full data range -> MONOCHROME1 inverted -> float32 in [0, 1]
-with 0 = black. RGB/YBR images become luminance. pydicom decodes first (with the pylibjpeg, openjpeg and gdcm plugins
-for compressed transfer syntaxes); SimpleITK is the fallback reader when pydicom cannot decode the pixel data.
+Sequence, else the first valid Window Center/Width, else the full data range -> MONOCHROME1 inverted -> float32 in
+[0, 1] with 0 = black. RGB/YBR images become luminance. pydicom decodes first (with the pylibjpeg, openjpeg and gdcm
+plugins for compressed transfer syntaxes); SimpleITK is the fallback reader when pydicom cannot decode the pixel data,
+and its result is used only when it has the rows, columns and samples the header declares.
 
 Which files are chest radiographs (see :class:`ChestPolicy`): Modality CR, DX, DR or RG with a chest or empty
 BodyPartExamined, or a secondary capture (SC/OT) whose BodyPartExamined says chest. Everything else is skipped
 unless the policy is widened.
+
+Hostile or broken files (issue 13). A file with the DICM preamble is DICOM; when it is broken it *fails* (``corrupt``),
+it is never skipped as "not an image". Before pydicom parses it, :func:`check_structure` walks the data elements:
+every declared length must fit in the file (truncation, wrong value lengths), sequences and encapsulated pixel data
+must end with their delimiters, an explicit VR must be a real VR, the transfer syntax must be known (else skipped as
+``unsupported``), and a Deflated Explicit VR Little Endian stream is inflated in bounded chunks and refused
+(``too-large``) past the limits below, before anything large is allocated. Then the header must be consistent:
+Bits Allocated 1 or a multiple of 8, 1 <= Bits Stored <= Bits Allocated, Bits Stored - 1 <= High Bit < Bits
+Allocated, Pixel Representation 0/1, Samples per Pixel agreeing with the Photometric Interpretation, single-valued
+SOP/Study/Series Instance UIDs (VM 1; a multi-valued UID is ``corrupt`` rather than guessed), whole numbers where
+numbers are due (Number of Frames "x" is ``corrupt``), and finite numbers in Rescale Slope/Intercept and Window
+Center/Width (text, NaN or infinity there is ``corrupt``). Native pixel data must have exactly the length Rows x
+Columns x Samples x Bits Allocated / 8 declares (one pad byte allowed); encapsulated pixel data must hold a fragment,
+and a JPEG / JPEG-LS / JPEG 2000 frame must have the rows, columns and components of the header (an 8000 x 8000
+frame under a 64 x 64 header is refused before it is decoded). Float pixels and the Modality LUT output must be
+finite. The result is checked last: (Rows, Columns) float32, finite, in [0, 1].
+
+Windows (PS3.3 C.11.2.1.2): a window whose width is out of range for its VOI LUT Function (LINEAR: width < 1;
+LINEAR_EXACT and SIGMOID: width <= 0) is invalid and ignored: the next Window Center/Width pair is used, else the
+full data range. A VOI LUT Sequence with an unusable LUT Descriptor is ignored the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medsim.errors import ReadFailure, SkipFile
+from medsim.errors import ReadFailure, SkipFile, short
 
 DICOM_MAGIC_OFFSET = 128
 RADIOGRAPH_MODALITIES = frozenset({"CR", "DX", "DR", "RG"})
 CAPTURE_MODALITIES = frozenset({"SC", "OT"})
 CHEST_BODY_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "CHEST_LUNG", "PORT CHEST", "TORAX", "THORAX_LUNG"})
+
+# --- Limits: how much a file may make the reader allocate. All of them live here. -----------------------------------
+# Pixels of one frame (Rows x Columns); larger images fail as too-large before decoding. ChestPolicy.max_pixels.
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; detector images are <= ~4.3k x 4.3k
+# Bytes a Deflated Explicit VR Little Endian dataset may inflate to (a 10k x 10k 16-bit image is 200 MB).
+# ChestPolicy.max_inflated_bytes.
+DEFAULT_MAX_INFLATED_BYTES = 256 * 2**20
+# ... and at most this many times the deflated bytes in the file once past MIN_INFLATE_ALLOWANCE: a radiograph
+# deflates 2-4 : 1, a stream of zeros ~1000 : 1 (a "deflate bomb" of a few hundred KB inflating to hundreds of MB).
+MAX_INFLATE_RATIO = 100
+MIN_INFLATE_ALLOWANCE = 8 * 2**20
+# Nesting of sequences the structure check follows (real files use a handful).
+MAX_SEQUENCE_DEPTH = 32
+# Bytes of the first compressed fragment read to find a JPEG SOF / JPEG 2000 SIZ marker (tables and APP segments
+# come first and are small).
+CODESTREAM_HEADER_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -34,11 +73,13 @@ class ChestPolicy:
     any_body_part: accept radiographs (CR/DX/DR/RG) of any body part.
     any_modality: accept any single-frame 2-D image (e.g. secondary captures without a body part).
     max_pixels: refuse larger images before decoding them (guards memory).
+    max_inflated_bytes: refuse a deflated dataset that inflates to more (guards memory; see the limits above).
     """
 
     any_body_part: bool = False
     any_modality: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
 
     def check(self, modality: str, body_part: str) -> None:
         """Raise SkipFile(not-chest-radiograph) when the header says this is not for the index."""
@@ -93,6 +134,283 @@ def pixel_hash(stored: np.ndarray) -> str:
     return h.hexdigest()
 
 
+# --- Structure check: walk the data elements before pydicom does ----------------------------------------------------
+
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+PIXEL_TAGS = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
+_UID_TEXT = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+@dataclass
+class PixelElement:
+    """Where the top-level pixel data element is: its keyword, defined length (None: undefined, i.e. encapsulated)
+    and, when encapsulated, the (offset, length) of every item (basic offset table first) in the file."""
+
+    keyword: str
+    length: int | None
+    items: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class Structure:
+    """What :func:`check_structure` learnt: the transfer syntax ('' when the file meta has none), whether the
+    dataset was deflated, the pixel data element (None: no pixel data) and how many top-level elements follow the
+    file meta."""
+
+    transfer_syntax: str = ""
+    deflated: bool = False
+    pixels: PixelElement | None = None
+    elements: int = 0
+
+
+def _tag(tag: int) -> str:
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+
+
+class _FileStream:
+    """Forward reads and skips over a file, with the position."""
+
+    def __init__(self, fh, size: int):
+        self.fh, self.size, self.pos = fh, size, fh.tell()
+
+    def read(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        n = min(n, self.size - self.pos)
+        self.fh.seek(n, 1)
+        self.pos += n
+        return n
+
+
+class _InflateStream:
+    """Forward reads and skips over the inflated rest of a file, in bounded chunks; more than ``limit`` inflated
+    bytes fail as too-large before they are ever held in memory."""
+
+    CHUNK = 1 << 20
+
+    def __init__(self, fh, compressed: int, limit: int):
+        self.fh, self.compressed, self.limit = fh, compressed, limit
+        self.inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self.buffer, self.pos, self.inflated = b"", 0, 0
+        self.ended = False
+
+    def _more(self) -> bool:
+        if self.ended:
+            return False
+        data = self.inflater.unconsumed_tail or self.fh.read(64 * 1024)
+        if not data:
+            self.ended = True
+            if not self.inflater.eof and self.inflated:
+                raise ReadFailure("corrupt", f"deflated data ends early (after {self.inflated} inflated bytes)")
+            return False
+        try:
+            out = self.inflater.decompress(data, self.CHUNK)
+        except zlib.error as exc:
+            raise ReadFailure("corrupt", f"deflated data cannot be inflated ({exc})") from None
+        self.inflated += len(out)
+        if self.inflated > self.limit:
+            raise ReadFailure("too-large", f"deflated dataset of {self.compressed} bytes inflates to more than "
+                                           f"{self.limit} bytes")
+        if self.inflater.eof:
+            self.ended = True
+        self.buffer += out
+        return True
+
+    def read(self, n: int) -> bytes:
+        while len(self.buffer) < n and self._more():
+            pass
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        self.pos += len(data)
+        return data
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n:
+            if not self.buffer and not self._more():
+                break
+            take = min(n - done, len(self.buffer))
+            self.buffer = self.buffer[take:]
+            done += take
+        self.pos += done
+        return done
+
+
+class _Walker:
+    """Follows the data elements of a dataset: lengths within the file, sequences and items closed by their
+    delimiters, real VRs. Raises ReadFailure(corrupt) with where and what at the first inconsistency."""
+
+    def __init__(self, stream, little_endian: bool):
+        self.stream = stream
+        self.endian = "<" if little_endian else ">"
+        self.pixels: PixelElement | None = None
+        self.elements = 0
+
+    def _fail(self, what: str):
+        raise ReadFailure("corrupt", what)
+
+    def _read(self, n: int, what: str) -> bytes:
+        start = self.stream.pos
+        data = self.stream.read(n)
+        if len(data) < n:
+            self._fail(f"file ends inside {what} at byte {start} (truncated)")
+        return data
+
+    def _skip(self, n: int, what: str) -> None:
+        start = self.stream.pos
+        if self.stream.skip(n) < n:
+            self._fail(f"{what} declares {n} bytes at byte {start}, the file ends first (truncated or wrong length)")
+
+    def dataset(self, depth: int = 0, in_item: bool = False) -> None:
+        implicit = None
+        while True:
+            start = self.stream.pos
+            head = self.stream.read(8)
+            if not head:
+                if in_item:
+                    self._fail("file ends inside a sequence item (truncated)")
+                return
+            if len(head) < 8:
+                if depth == 0 and not head.strip(b"\0"):  # a few zero bytes of padding after the last element
+                    return
+                self._fail(f"file ends inside a data element header at byte {start} (truncated)")
+            group, element = struct.unpack(self.endian + "HH", head[:4])
+            tag = group << 16 | element
+            if tag == _ITEM_END:
+                if in_item:
+                    return
+                self._fail(f"item delimiter outside a sequence at byte {start}")
+            if tag in (_ITEM, _SEQUENCE_END):
+                self._fail(f"sequence item tag {_tag(tag)} outside a sequence at byte {start}")
+            if implicit is None:  # as pydicom: each dataset's first element tells implicit from explicit VR
+                implicit = not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+            vr = None
+            if implicit:
+                (length,) = struct.unpack(self.endian + "L", head[4:8])
+            else:
+                vr = head[4:6]
+                if vr in _LONG_VRS:
+                    (length,) = struct.unpack(self.endian + "L", self._read(4, f"the header of {_tag(tag)}"))
+                elif vr in _SHORT_VRS:
+                    (length,) = struct.unpack(self.endian + "H", head[6:8])
+                else:
+                    self._fail(f"invalid VR {vr!r} in element {_tag(tag)} at byte {start} (wrong length before it?)")
+            if depth == 0:
+                self.elements += 1
+            keyword = PIXEL_TAGS.get(tag) if depth == 0 else None
+            if length == _UNDEFINED:
+                if vr is not None and vr not in (b"SQ", b"UN", b"OB", b"OW"):
+                    self._fail(f"element {_tag(tag)} with VR {vr.decode('latin-1')} has undefined length")
+                items = self.items(tag, depth, encapsulated=keyword is not None)
+                if keyword:
+                    self.pixels = PixelElement(keyword, None, items)
+            else:
+                if keyword:
+                    self.pixels = PixelElement(keyword, length)
+                self._skip(length, f"element {_tag(tag)}")
+
+    def items(self, tag: int, depth: int, encapsulated: bool) -> list[tuple[int, int]]:
+        """The items of an undefined-length sequence or of encapsulated pixel data, up to the sequence delimiter."""
+        if depth >= MAX_SEQUENCE_DEPTH:
+            self._fail(f"sequences nested deeper than {MAX_SEQUENCE_DEPTH} at {_tag(tag)}")
+        found = []
+        while True:
+            start = self.stream.pos
+            head = self._read(8, f"the items of {_tag(tag)}")
+            item_group, item_element, length = struct.unpack(self.endian + "HHL", head)
+            item_tag = item_group << 16 | item_element
+            if item_tag == _SEQUENCE_END:
+                return found
+            if item_tag != _ITEM:
+                self._fail(f"{_tag(item_tag)} where an item of {_tag(tag)} belongs, at byte {start} "
+                           "(wrong length before it?)")
+            if length == _UNDEFINED:
+                if encapsulated:
+                    self._fail(f"pixel data fragment of undefined length at byte {start}")
+                self.dataset(depth + 1, in_item=True)
+            else:
+                found.append((self.stream.pos, length))
+                self._skip(length, f"item of {_tag(tag)}")
+
+
+def _file_meta(fh, size: int) -> str | None:
+    """Walk the group 0002 elements after the preamble (explicit VR little endian; implicit VR tolerated, as pydicom
+    does); return the transfer syntax."""
+    fh.seek(DICOM_MAGIC_OFFSET + 4)
+    transfer_syntax, implicit = None, None
+    while True:
+        start = fh.tell()
+        head = fh.read(8)
+        if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
+            if 0 < len(head) < 8 and head[:2] == b"\x02\x00":
+                raise ReadFailure("corrupt", f"file ends inside the file meta information at byte {start}")
+            fh.seek(start)
+            return transfer_syntax
+        element = struct.unpack("<H", head[2:4])[0]
+        if implicit is None:
+            implicit = not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)
+        vr = head[4:6]
+        if implicit:
+            (length,) = struct.unpack("<L", head[4:8])
+        elif vr in _LONG_VRS:
+            extra = fh.read(4)
+            if len(extra) < 4:
+                raise ReadFailure("corrupt", f"file ends inside the file meta information at byte {start}")
+            (length,) = struct.unpack("<L", extra)
+        elif vr in _SHORT_VRS:
+            (length,) = struct.unpack("<H", head[6:8])
+        else:
+            raise ReadFailure("corrupt", f"invalid VR {vr!r} in file meta element (0002,{element:04X})")
+        if length == _UNDEFINED or fh.tell() + length > size:
+            raise ReadFailure("corrupt", f"file meta element (0002,{element:04X}) declares {length} bytes at byte "
+                                         f"{start}, the file ends first (truncated or wrong length)")
+        if element == 0x0010:
+            transfer_syntax = fh.read(length).decode("ascii", "replace").strip("\0 ")
+        else:
+            fh.seek(length, 1)
+
+
+def check_structure(path: str | Path, policy: ChestPolicy = ChestPolicy()) -> Structure:
+    """Walk a Part 10 file's data elements without decoding them (see the module docstring).
+
+    Raises ReadFailure(corrupt) for truncation or malformed lengths, ReadFailure(too-large) for a deflated dataset
+    past the limits, SkipFile(unsupported) for an unknown transfer syntax."""
+    from pydicom.uid import UID
+
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            transfer_syntax = _file_meta(fh, size)
+            little, deflated = True, False
+            if transfer_syntax:
+                if not _UID_TEXT.fullmatch(transfer_syntax):
+                    raise ReadFailure("corrupt", f"Transfer Syntax UID {short(repr(transfer_syntax))[:80]} is not "
+                                                 "a UID (wrong length in the file meta?)")
+                uid = UID(transfer_syntax)
+                if not uid.is_transfer_syntax:
+                    raise SkipFile("unsupported", f"unknown transfer syntax {short(transfer_syntax)[:80]!r}")
+                little, deflated = uid.is_little_endian, uid.is_deflated
+            if deflated:
+                compressed = size - fh.tell()
+                limit = min(policy.max_inflated_bytes, max(MIN_INFLATE_ALLOWANCE, MAX_INFLATE_RATIO * compressed))
+                stream = _InflateStream(fh, compressed, limit)
+            else:
+                stream = _FileStream(fh, size)
+            walker = _Walker(stream, little)
+            walker.dataset()
+    except OSError as exc:
+        raise ReadFailure("unreadable", str(exc)) from None
+    return Structure(transfer_syntax or "", deflated, walker.pixels, walker.elements)
+
+
+# --- Header ----------------------------------------------------------------------------------------------------------
+
 def read_header(path: Path):
     """Parse everything but the pixel data. Raises SkipFile/ReadFailure with a reason."""
     import pydicom
@@ -101,72 +419,339 @@ def read_header(path: Path):
     try:
         return pydicom.dcmread(path, stop_before_pixels=False, defer_size="1 KB")
     except InvalidDicomError as exc:
+        if is_dicom_file(path):  # it says DICM: a broken DICOM file, not a foreign one
+            raise ReadFailure("corrupt", f"malformed DICOM ({exc})") from None
         raise SkipFile("not-an-image", f"not a DICOM file ({exc})") from None
     except PermissionError as exc:
         raise ReadFailure("unreadable", str(exc)) from None
-    except (EOFError, ValueError, KeyError, TypeError, OverflowError, IndexError) as exc:
+    except (EOFError, ValueError, KeyError, TypeError, OverflowError, IndexError, AttributeError,
+            struct.error, UnicodeError, NotImplementedError) as exc:
         raise ReadFailure("corrupt", f"{type(exc).__name__}: {exc}") from None
     except OSError as exc:
         raise ReadFailure("unreadable", str(exc)) from None
 
 
+def _is_multi(value) -> bool:
+    return isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"
+
+
+def _value(ds, keyword: str):
+    try:
+        return ds.get(keyword, None)
+    except Exception as exc:  # a value pydicom cannot convert (wrong length for its VR, ...)
+        raise ReadFailure("corrupt", f"{keyword} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
 def _text(ds, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return str(value).strip() if value is not None else ""
+    value = _value(ds, keyword)
+    if value is None:
+        return ""
+    if _is_multi(value):
+        return "\\".join(str(v).strip() for v in value)  # as the value is encoded, not a Python list repr
+    return str(value).strip()
+
+
+def _uid(ds, keyword: str, label: str) -> str:
+    """A UID attribute, which has VM 1: a multi-valued one is corrupt, not guessed from."""
+    value = _value(ds, keyword)
+    if value is None:
+        return ""
+    if _is_multi(value):
+        if len(value) > 1:
+            joined = "\\".join(map(str, value))
+            raise ReadFailure("corrupt", f"{label} has {len(value)} values ({joined}); DICOM allows one (VM 1)")
+        value = value[0] if len(value) else ""
+    return str(value).strip()
+
+
+def _int(ds, keyword: str, default: int | None = None) -> int:
+    """A whole-number attribute (US, IS): missing -> default (or corrupt when required), anything else -> corrupt."""
+    value = _value(ds, keyword)
+    if value is None or value == "":
+        if default is None:
+            raise ReadFailure("corrupt", f"image pixel module incomplete ({keyword} missing)")
+        return default
+    if _is_multi(value):
+        raise ReadFailure("corrupt", f"{keyword} has {len(value)} values; DICOM allows one")
+    try:
+        number = float(value) if isinstance(value, str) else value
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+        return int(number)
+    except (TypeError, ValueError, OverflowError):
+        raise ReadFailure("corrupt", f"{keyword} is {short(repr(value))[:60]}, not a whole number") from None
+
+
+def _numbers(ds, keyword: str, single: bool = False) -> list[float]:
+    """A decimal attribute (DS) as finite floats; text, NaN or infinity is corrupt. [] when absent."""
+    value = _value(ds, keyword)
+    if value is None or value == "":
+        return []
+    values = list(value) if _is_multi(value) else [value]
+    if single and len(values) > 1:
+        raise ReadFailure("corrupt", f"{keyword} has {len(values)} values; DICOM allows one")
+    out = []
+    for item in values:
+        try:
+            number = float(item)
+        except (TypeError, ValueError, OverflowError):
+            raise ReadFailure("corrupt", f"{keyword} is {short(repr(str(item)))[:60]}, not a number") from None
+        if not np.isfinite(number):
+            raise ReadFailure("corrupt", f"{keyword} is {number}, not a finite number")
+        out.append(number)
+    return out
+
+
+_MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR"})
+_COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"})
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The pixel layout the header declares, checked for consistency."""
+
+    rows: int
+    columns: int
+    samples: int
+    bits_allocated: int
+    bits_stored: int
+    photometric: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, self.columns) if self.samples == 1 else (self.rows, self.columns, self.samples)
+
+
+def _layout(ds, keyword: str, policy: ChestPolicy) -> Layout:
+    """Rows, columns, samples and bits, consistent with each other and the pixel data element, or corrupt."""
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if rows < 1 or cols < 1:
+        raise ReadFailure("corrupt", f"image of {rows}x{cols} pixels")
+    if rows * cols > policy.max_pixels:
+        raise ReadFailure("too-large", f"{rows}x{cols} exceeds {policy.max_pixels} pixels")
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if (photometric in _MONOCHROME and samples != 1) or (photometric in _COLOUR and samples != 3):
+        raise ReadFailure("corrupt", f"Photometric Interpretation {photometric} with {samples} samples per pixel")
+    if samples not in (1, 3):
+        raise SkipFile("unsupported", f"{samples} samples per pixel")
+    if samples == 3 and _int(ds, "PlanarConfiguration", 0) not in (0, 1):
+        raise ReadFailure("corrupt", f"Planar Configuration {_int(ds, 'PlanarConfiguration', 0)}")
+    allocated = _int(ds, "BitsAllocated")
+    if keyword != "PixelData":
+        needed = 32 if keyword == "FloatPixelData" else 64
+        if allocated != needed:
+            raise ReadFailure("corrupt", f"{keyword} with Bits Allocated {allocated} (must be {needed})")
+        return Layout(rows, cols, samples, allocated, allocated, photometric)
+    if allocated != 1 and (allocated % 8 or not 8 <= allocated <= 64):
+        raise ReadFailure("corrupt", f"Bits Allocated {allocated} (must be 1 or a multiple of 8 up to 64)")
+    stored = _int(ds, "BitsStored", allocated)
+    if not 1 <= stored <= allocated:
+        raise ReadFailure("corrupt", f"Bits Stored {stored} with Bits Allocated {allocated}")
+    high_bit = _int(ds, "HighBit", stored - 1)
+    if not stored - 1 <= high_bit < allocated:
+        raise ReadFailure("corrupt", f"High Bit {high_bit} with Bits Stored {stored} and Bits Allocated {allocated}")
+    if _int(ds, "PixelRepresentation", 0) not in (0, 1):
+        raise ReadFailure("corrupt", f"Pixel Representation {_int(ds, 'PixelRepresentation', 0)} (must be 0 or 1)")
+    return Layout(rows, cols, samples, allocated, stored, photometric)
+
+
+def _is_image_like(ds) -> bool:
+    """Header of an image (Image Pixel module, or an image storage SOP class): without pixel data it was cut."""
+    if any(keyword in ds for keyword in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")):
+        return True
+    for holder, keyword in ((ds, "SOPClassUID"), (getattr(ds, "file_meta", None), "MediaStorageSOPClassUID")):
+        if holder is None:
+            continue
+        try:
+            name = getattr(holder.get(keyword, None), "name", "") or ""
+        except Exception:
+            name = ""
+        if "Image Storage" in name:
+            return True
+    return False
 
 
 def read_dicom(path: str | Path, policy: ChestPolicy = ChestPolicy()) -> Radiograph:
-    """Read, classify and decode one DICOM file. Raises SkipFile or ReadFailure with the reason."""
-    path = Path(path)
+    """Read, classify and decode one DICOM file. Raises SkipFile or ReadFailure with the reason, nothing else."""
+    try:
+        return _read_dicom(Path(path), policy)
+    except (SkipFile, ReadFailure):
+        raise
+    except MemoryError:
+        raise ReadFailure("too-large", "out of memory while decoding") from None
+    except Exception as exc:  # a malformed value tripping a library: still one line with the reason
+        raise ReadFailure("corrupt", f"unexpected {type(exc).__name__}: {exc}") from None
+
+
+def _read_dicom(path: Path, policy: ChestPolicy) -> Radiograph:
+    if not is_dicom_file(path):
+        raise SkipFile("not-an-image", "not a DICOM file (no DICM preamble)")
+    structure = check_structure(path, policy)
     ds = read_header(path)
-    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop_class = getattr(ds.get("SOPClassUID", None), "name", "") or _text(ds, "SOPClassUID")
+    pixel_keyword = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+    if pixel_keyword is None:
+        if structure.elements == 0:
+            raise ReadFailure("corrupt", "no data elements after the file meta information (truncated)")
+        if _is_image_like(ds):
+            raise ReadFailure("corrupt", "image header without pixel data (truncated)")
+        sop_class = getattr(_value(ds, "SOPClassUID"), "name", "") or _text(ds, "SOPClassUID")
         raise SkipFile("not-an-image", f"DICOM without pixel data ({sop_class or 'unknown SOP class'})")
     modality = _text(ds, "Modality").upper()
     body_part = _text(ds, "BodyPartExamined").upper()
     policy.check(modality, body_part)
 
-    sop_uid = _text(ds, "SOPInstanceUID")
+    sop_uid = _uid(ds, "SOPInstanceUID", "SOP Instance UID")
     if not sop_uid:
         raise ReadFailure("corrupt", "missing SOP Instance UID")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    series_uid = _uid(ds, "SeriesInstanceUID", "Series Instance UID")
+    study_uid = _uid(ds, "StudyInstanceUID", "Study Instance UID")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames < 0:
+        raise ReadFailure("corrupt", f"Number of Frames {frames}")
     if frames > 1:
         raise SkipFile("unsupported", f"multi-frame image ({frames} frames)")
-    try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise ReadFailure("corrupt", f"image pixel module incomplete ({exc})") from None
-    if rows * cols > policy.max_pixels:
-        raise ReadFailure("too-large", f"{rows}x{cols} exceeds {policy.max_pixels} pixels")
-    if samples not in (1, 3):
-        raise SkipFile("unsupported", f"{samples} samples per pixel")
+    layout = _layout(ds, pixel_keyword, policy)
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        _numbers(ds, keyword, single=True)
+    for keyword in ("WindowCenter", "WindowWidth"):
+        _numbers(ds, keyword)
+    _check_pixel_data(path, structure, layout)
 
-    stored, reader, rescaled = _decode(ds, path)
-    photometric = _text(ds, "PhotometricInterpretation").upper()
+    stored, reader, rescaled = _decode(ds, path, layout)
     pixels = to_display(stored, ds, already_rescaled=rescaled)
+    if pixels.shape != (layout.rows, layout.columns) or pixels.dtype != np.float32 or not np.isfinite(pixels).all():
+        raise ReadFailure("corrupt", f"display image {pixels.shape} {pixels.dtype} does not match the header "
+                                     f"({layout.rows}x{layout.columns}) or is not finite")
     tsyntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
     return Radiograph(
         pixels=pixels,
         sop_uid=sop_uid,
-        series_uid=_text(ds, "SeriesInstanceUID"),
-        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=series_uid,
+        study_uid=study_uid,
         patient_id=_text(ds, "PatientID") or None,
         modality=modality,
         body_part=body_part,
         view=_text(ds, "ViewPosition").upper(),
         study_date=_text(ds, "StudyDate"),
         study_description=_text(ds, "StudyDescription"),
-        photometric=photometric,
+        photometric=layout.photometric,
         transfer_syntax=str(tsyntax),
-        bits_stored=int(ds.get("BitsStored", 8) or 8),
+        bits_stored=layout.bits_stored,
         reader=reader,
         pixel_hash=pixel_hash(stored),
     )
 
 
-def _decode(ds, path: Path) -> tuple[np.ndarray, str, bool]:
-    """Stored pixel values: pydicom first, SimpleITK as fallback. Returns (array, reader, rescale_applied)."""
+# --- Pixel data against the header -----------------------------------------------------------------------------------
+
+def _check_pixel_data(path: Path, structure: Structure, layout: Layout) -> None:
+    """Native: the length the header declares. Encapsulated: fragments, and a JPEG/J2K frame of the header's size."""
+    from pydicom.uid import UID
+
+    element = structure.pixels
+    if element is None:  # pydicom found pixel data the walk did not (not at the top level): let pydicom decide
+        return
+    tsyntax = UID(structure.transfer_syntax) if structure.transfer_syntax else None
+    encapsulated = bool(tsyntax is not None and tsyntax.is_encapsulated)
+    if not encapsulated:
+        if element.length is None:
+            raise ReadFailure("corrupt", f"encapsulated pixel data under a native transfer syntax "
+                                         f"({tsyntax or 'none declared'})")
+        pixels = layout.rows * layout.columns * layout.samples
+        expected = (pixels + 7) // 8 if layout.bits_allocated == 1 else pixels * layout.bits_allocated // 8
+        if layout.photometric == "YBR_FULL_422":
+            expected = expected // 3 * 2
+        if element.length != expected and not (expected % 2 and element.length == expected + 1):
+            raise ReadFailure("corrupt", f"{element.keyword} holds {element.length} bytes; {layout.rows}x"
+                                         f"{layout.columns}x{layout.samples} at {layout.bits_allocated} bits needs "
+                                         f"{expected}")
+        return
+    if element.keyword != "PixelData":
+        raise ReadFailure("corrupt", f"{element.keyword} under an encapsulated transfer syntax ({tsyntax.name})")
+    if element.length is not None:
+        raise ReadFailure("corrupt", f"native pixel data under an encapsulated transfer syntax ({tsyntax.name})")
+    fragments = element.items[1:]  # the first item is the basic offset table
+    if not fragments or fragments[0][1] == 0:
+        raise ReadFailure("corrupt", "encapsulated pixel data without a (non-empty) fragment")
+    size = None
+    if tsyntax.is_compressed and not structure.deflated:
+        offset, length = fragments[0]
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            head = fh.read(min(length, CODESTREAM_HEADER_BYTES))
+        from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
+
+        htj2k = ("1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203")
+        if tsyntax in JPEGTransferSyntaxes or tsyntax in JPEGLSTransferSyntaxes:
+            size, kind = jpeg_frame_size(head), "JPEG"
+        elif tsyntax in JPEG2000TransferSyntaxes or tsyntax in htj2k:
+            size, kind = j2k_frame_size(head), "JPEG 2000"
+    if size is not None:
+        rows, cols, components = size
+        if (rows and rows != layout.rows) or cols != layout.columns or components != layout.samples:
+            raise ReadFailure("corrupt", f"{kind} frame is {rows}x{cols} with {components} component(s); the header "
+                                         f"declares {layout.rows}x{layout.columns} with {layout.samples}")
+
+
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
+
+
+def jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG / JPEG-LS codestream's SOF segment; None when not found in ``data``.
+    Rows may be 0 (defined later by a DNL segment)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image / start of scan before any SOF
+            return None
+        if marker in _SOF_MARKERS:
+            if i + 10 > len(data):
+                return None
+            rows, cols = struct.unpack(">HH", data[i + 5:i + 9])
+            return rows, cols, data[i + 9]
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
+
+
+def j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment (raw or in a JP2 box); None if absent."""
+    offset = 0
+    if data.startswith(b"\x00\x00\x00\x0cjP  "):
+        offset = 12
+        while offset + 8 <= len(data):
+            length = struct.unpack(">L", data[offset:offset + 4])[0]
+            if data[offset + 4:offset + 8] == b"jp2c":
+                offset += 8
+                break
+            if length < 8:
+                return None
+            offset += length
+    if data[offset:offset + 4] != b"\xff\x4f\xff\x51" or len(data) < offset + 42:
+        return None
+    x, y, x0, y0 = struct.unpack(">LLLL", data[offset + 8:offset + 24])
+    components = struct.unpack(">H", data[offset + 40:offset + 42])[0]
+    return y - y0, x - x0, components
+
+
+# --- Decoding --------------------------------------------------------------------------------------------------------
+
+def _decode(ds, path: Path, layout: Layout | None = None) -> tuple[np.ndarray, str, bool]:
+    """Stored pixel values: pydicom first, SimpleITK as fallback. Returns (array, reader, rescale_applied).
+
+    Either reader's result must have the header's shape (rows, columns[, samples]) and finite values."""
     from pydicom.pixels import get_decoder
 
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -180,23 +765,57 @@ def _decode(ds, path: Path) -> tuple[np.ndarray, str, bool]:
     if pydicom_can:
         try:
             # pydicom converts YBR to RGB by default, so colour images arrive as RGB.
-            return np.asarray(ds.pixel_array), "pydicom", False
+            arr = np.asarray(ds.pixel_array)
+        except MemoryError:
+            raise
         except Exception as exc:  # decoders raise many types; any failure falls through to SimpleITK
             first_error = exc
+        else:
+            return _checked(arr, layout, "pydicom"), "pydicom", False
     try:
         import SimpleITK as sitk
 
-        image = sitk.ReadImage(str(path))
-        arr = sitk.GetArrayFromImage(image)
-        if arr.ndim == 3 and arr.shape[0] == 1:
-            arr = arr[0]
-        # SimpleITK (GDCM) applies Rescale Slope/Intercept when it reads.
-        return arr, "simpleitk", True
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        size, components = tuple(reader.GetSize()), reader.GetNumberOfComponents()
     except Exception as exc:
         if first_error is None and not pydicom_can:
             raise SkipFile("unsupported", f"no decoder for transfer syntax {tsyntax} ({tsyntax.name})") from None
         reason = "corrupt" if _looks_truncated(first_error or exc) else "decode-error"
-        raise ReadFailure(reason, f"pydicom: {first_error}; SimpleITK: {str(exc).strip().splitlines()[-1]}") from None
+        raise ReadFailure(reason, f"pydicom: {first_error}; SimpleITK: {_last_line(exc)}") from None
+    if layout is not None and (size[:2] != (layout.columns, layout.rows) or any(s != 1 for s in size[2:])
+                               or components != layout.samples):
+        raise ReadFailure("corrupt", f"pydicom: {first_error}; SimpleITK reads {'x'.join(map(str, size))} with "
+                                     f"{components} component(s), the header declares {layout.columns}x{layout.rows}"
+                                     f" with {layout.samples}")
+    try:
+        arr = sitk.GetArrayFromImage(reader.Execute())
+    except MemoryError:
+        raise
+    except Exception as exc:
+        reason = "corrupt" if _looks_truncated(first_error or exc) else "decode-error"
+        raise ReadFailure(reason, f"pydicom: {first_error}; SimpleITK: {_last_line(exc)}") from None
+    if arr.ndim >= 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    # SimpleITK (GDCM) applies Rescale Slope/Intercept when it reads.
+    return _checked(arr, layout, "SimpleITK"), "simpleitk", True
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _checked(arr: np.ndarray, layout: Layout | None, reader: str) -> np.ndarray:
+    """A decoded array with the header's shape and finite values, or ReadFailure(corrupt)."""
+    if layout is not None and arr.shape != layout.shape:
+        raise ReadFailure("corrupt", f"{reader} decoded {arr.shape}, the header declares {layout.shape}")
+    if arr.dtype.kind == "f":
+        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            raise ReadFailure("corrupt", f"pixel data holds {bad} NaN or infinite value(s)")
+    return arr
 
 
 def _looks_truncated(exc: BaseException) -> bool:
@@ -205,8 +824,12 @@ def _looks_truncated(exc: BaseException) -> bool:
     return any(word in text for word in words)
 
 
+# --- Display ---------------------------------------------------------------------------------------------------------
+
 def to_display(stored: np.ndarray, ds, already_rescaled: bool = False) -> np.ndarray:
-    """Stored values -> (H, W) float32 in [0, 1], 0 = black, per the DICOM display pipeline."""
+    """Stored values -> (H, W) float32 in [0, 1], 0 = black, per the DICOM display pipeline.
+
+    Raises ReadFailure(corrupt) when the Modality LUT / rescale yields non-finite values or an infinite range."""
     from pydicom.pixels import apply_modality_lut, apply_voi
 
     photometric = _text(ds, "PhotometricInterpretation").upper()
@@ -215,18 +838,22 @@ def to_display(stored: np.ndarray, ds, already_rescaled: bool = False) -> np.nda
         gray = stored[..., 0] * 0.299 + stored[..., 1] * 0.587 + stored[..., 2] * 0.114
         return np.clip(gray / maximum, 0.0, 1.0).astype(np.float32)
 
-    values = stored if already_rescaled else apply_modality_lut(stored, ds)
-    values = np.asarray(values, dtype=np.float64)
-    voi_sequence = ds.get("VOILUTSequence")
-    if voi_sequence:
-        # Output of a VOI LUT spans 0 .. 2**n - 1, n = third value of its LUT Descriptor (PS3.3 C.11.2.1.1).
-        bits = int(voi_sequence[0].LUTDescriptor[2])
-        values = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64)
-        display = values / float(2**bits - 1)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        display = _window(values, ds)
-    else:
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = stored if already_rescaled else apply_modality_lut(stored, ds)
+            values = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, struct.error) as exc:
+        raise ReadFailure("corrupt", f"Modality LUT cannot be applied ({type(exc).__name__}: {exc})") from None
+    if not np.isfinite(values).all():
+        raise ReadFailure("corrupt", "Modality LUT / Rescale Slope and Intercept give non-finite values "
+                                     f"(slope {ds.get('RescaleSlope', 1)}, intercept {ds.get('RescaleIntercept', 0)})")
+    display = _voi_lut(values, ds, apply_voi)
+    if display is None:
+        display = _first_valid_window(values, ds)
+    if display is None:
         low, high = float(values.min()), float(values.max())
+        if not np.isfinite(high - low):
+            raise ReadFailure("corrupt", f"pixel value range [{low:g}, {high:g}] is too wide to display")
         display = (values - low) / (high - low) if high > low else np.zeros_like(values)
     display = np.clip(display, 0.0, 1.0)
     if photometric == "MONOCHROME1":
@@ -234,20 +861,49 @@ def to_display(stored: np.ndarray, ds, already_rescaled: bool = False) -> np.nda
     return display.astype(np.float32)
 
 
-def _first(value) -> float:
+def _voi_lut(values: np.ndarray, ds, apply_voi) -> np.ndarray | None:
+    """The first VOI LUT of the VOI LUT Sequence, scaled to [0, 1]; None when absent or unusable."""
+    voi_sequence = ds.get("VOILUTSequence")
+    if not voi_sequence:
+        return None
     try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+        # Output of a VOI LUT spans 0 .. 2**n - 1, n = third value of its LUT Descriptor (PS3.3 C.11.2.1.1).
+        bits = int(voi_sequence[0].LUTDescriptor[2])
+        if not 1 <= bits <= 16:
+            return None
+        with np.errstate(over="ignore", invalid="ignore"):
+            mapped = np.asarray(apply_voi(np.rint(values).astype(np.int64), ds, index=0), dtype=np.float64)
+    except Exception:  # a malformed VOI LUT is ignored like an invalid window
+        return None
+    if not np.isfinite(mapped).all():
+        return None
+    return mapped / float(2**bits - 1)
 
 
-def _window(values: np.ndarray, ds) -> np.ndarray:
-    """The first Window Center/Width (PS3.3 C.11.2.1.2) mapped to [0, 1]."""
-    center = _first(ds.WindowCenter)
-    width = max(_first(ds.WindowWidth), 1.0)
+def window_is_valid(width: float, function: str = "LINEAR") -> bool:
+    """PS3.3 C.11.2.1.2: LINEAR needs Window Width >= 1; LINEAR_EXACT (C.11.2.1.3.2) and SIGMOID need > 0."""
+    if not np.isfinite(width):
+        return False
+    return width > 0 if function in ("LINEAR_EXACT", "SIGMOID") else width >= 1
+
+
+def _first_valid_window(values: np.ndarray, ds) -> np.ndarray | None:
+    """The first valid Window Center/Width pair applied; None when there is none."""
+    centers, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
     function = _text(ds, "VOILUTFunction").upper() or "LINEAR"
-    if function == "LINEAR_EXACT":
-        return (values - (center - width / 2)) / width
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    return (values - (center - 0.5)) / (width - 1.0) + 0.5 if width > 1 else (values >= center).astype(np.float64)
+    for center, width in zip(centers, widths):
+        if window_is_valid(width, function):
+            return _window(values, center, width, function)
+    return None
+
+
+def _window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """One Window Center/Width (PS3.3 C.11.2.1.2, C.11.2.1.3) mapped to [0, 1]; the width is valid for the function."""
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if function == "LINEAR_EXACT":
+            return (values - (center - width / 2)) / width
+        if function == "SIGMOID":
+            return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        if width > 1:
+            return (values - (center - 0.5)) / (width - 1.0) + 0.5
+        return (values >= center).astype(np.float64)

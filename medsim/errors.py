@@ -18,7 +18,7 @@ SKIP_REASONS = {
 FAIL_REASONS = {
     "corrupt": "truncated or malformed file",
     "decode-error": "pixel data could not be decoded by pydicom or SimpleITK",
-    "too-large": "image larger than the configured pixel limit",
+    "too-large": "image larger than the configured limits (pixels; inflated size of a deflated file)",
     "unreadable": "file or folder could not be read (permissions, I/O error)",
 }
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsim.dicom import ChestPolicy, Radiograph, is_dicom_file, pixel_hash, read_dicom
+from medsim.dicom import DEFAULT_MAX_PIXELS, ChestPolicy, Radiograph, is_dicom_file, pixel_hash, read_dicom
 from medsim.errors import MedsimError, ReadFailure, SkipFile
 
 IMAGE_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "png", b"\xff\xd8\xff": "jpeg"}
@@ -148,22 +148,40 @@ def pseudo_uid(*parts: str) -> str:
 
 
 def read_any(path: str | Path, root: str | Path | None = None, policy: ChestPolicy = ChestPolicy()) -> Radiograph:
-    """Read a DICOM, PNG or JPEG file into a Radiograph. Raises SkipFile or ReadFailure with the reason."""
+    """Read a DICOM, PNG or JPEG file into a Radiograph. Raises SkipFile or ReadFailure with the reason, never
+    another exception; a returned Radiograph's pixels are (H, W) float32, finite, in [0, 1]."""
     path = Path(path)
-    kind = image_kind(path)
-    if kind == "dicom":
-        return read_dicom(path, policy)
-    if kind in ("png", "jpeg"):
-        return read_image_file(path, root)
-    raise SkipFile("not-an-image", "neither DICOM (no DICM preamble) nor PNG/JPEG")
+    try:
+        kind = image_kind(path)
+        if kind == "dicom":
+            radiograph = read_dicom(path, policy)
+        elif kind in ("png", "jpeg"):
+            radiograph = read_image_file(path, root, max_pixels=policy.max_pixels)
+        else:
+            raise SkipFile("not-an-image", "neither DICOM (no DICM preamble) nor PNG/JPEG")
+    except (SkipFile, ReadFailure):
+        raise
+    except MemoryError:
+        raise ReadFailure("too-large", "out of memory while decoding") from None
+    except Exception as exc:  # a reader bug must not escape as a traceback: one line with the reason
+        raise ReadFailure("decode-error", f"unexpected {type(exc).__name__}: {exc}") from None
+    pixels = radiograph.pixels
+    if pixels.ndim != 2 or pixels.dtype != np.float32 or not np.isfinite(pixels).all() \
+            or pixels.min(initial=0.0) < 0.0 or pixels.max(initial=0.0) > 1.0:
+        raise ReadFailure("corrupt", f"decoded image {pixels.shape} {pixels.dtype} is not finite grey values in [0, 1]")
+    return radiograph
 
 
-def read_image_file(path: Path, root: str | Path | None = None) -> Radiograph:
-    """A PNG/JPEG radiograph (8 or 16 bit, gray or colour) with pseudo UIDs from its path under root."""
+def read_image_file(path: Path, root: str | Path | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Radiograph:
+    """A PNG/JPEG radiograph (8 or 16 bit, gray or colour) with pseudo UIDs from its path under root. Images larger
+    than ``max_pixels`` fail as too-large before they are decoded."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ReadFailure("too-large", f"{height}x{width} exceeds {max_pixels} pixels")
             image.load()
             if image.mode in ("I;16", "I;16B", "I;16L", "I"):
                 stored = np.asarray(image, dtype=np.float64)
@@ -174,6 +192,8 @@ def read_image_file(path: Path, root: str | Path | None = None) -> Radiograph:
             else:
                 stored = np.asarray(image.convert("L"))
                 maximum = 255.0
+    except Image.DecompressionBombError as exc:
+        raise ReadFailure("too-large", str(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ReadFailure("corrupt", f"{type(exc).__name__}: {exc}") from None
     pixels = np.clip(np.asarray(stored, dtype=np.float32) / maximum, 0.0, 1.0)
