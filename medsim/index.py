@@ -6,8 +6,16 @@ An index is a directory:
                      It is the source of truth and changes only in transactions, so a crash never leaves it
                      half-written.
     vectors.hnsw     the hnswlib graph, a cache of the vectors in the catalog. Written to a temporary file and
-                     renamed into place; when it is missing, stale or unreadable it is rebuilt from the catalog.
+                     renamed into place; the catalog records its SHA-256, size and element count (meta ``graph``),
+                     which ties the file to this catalog. Before hnswlib reads it, its header, size and element count
+                     are checked and its checksum compared; when it is missing, stale, damaged or left by another
+                     catalog it is rebuilt from the catalog (and saved by the next writable use: any build-index).
     lock             held by the one writer.
+
+Paths (the file ledger, a case's ``source_path``) are stored exactly: as text when they are valid UTF-8, otherwise
+as their bytes (``os.fsencode``) in a BLOB, so any name a file system allows can be indexed and found again. Use
+:func:`printable` to show one. A damaged catalog (not a database, truncated, malformed pages, values that cannot be
+what medsim wrote) raises :class:`IndexFormatError` naming the index and what to do, never a bare sqlite3 error.
 
 Knobs (hnswlib): ``M`` (graph degree; memory ~ 4*dim + 8*M bytes per case), ``ef_construction`` (build quality),
 ``ef`` (query breadth; raised to the number of results asked for). Defaults suit up to ~1M cases.
@@ -16,11 +24,17 @@ Knobs (hnswlib): ``M`` (graph degree; memory ~ 4*dim + 8*M bytes per case), ``ef
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import json
+import logging
+import math
 import os
 import sqlite3
+import struct
 import time
-from contextlib import contextmanager
+import unicodedata
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +45,11 @@ from medsim.errors import IndexFormatError, ModelMismatch
 FORMAT_VERSION = 1
 CATALOG = "catalog.sqlite"
 VECTORS = "vectors.hnsw"
+# meta key: {"sha256", "bytes", "count"} of the vectors.hnsw last saved for this catalog; null in a catalog that has
+# not saved one yet; absent in a catalog written before medsim recorded it (its graph gets the full structural check).
+GRAPH_RECORD = "graph"
+
+log = logging.getLogger("medsim.index")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,7 +87,115 @@ CREATE TABLE IF NOT EXISTS files (
 # Columns added to `cases` after format 1 shipped, appended by a writable open of an older index (ALTER TABLE ADD
 # COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 256-bit perceptual hash of
 # the display pixels, 64 hex digits (medsim.duplicates.perceptual_hash); '' when not computed.
+# (`files.path` and `cases.source_path` hold a BLOB for a name that is not UTF-8; SQLite keeps a BLOB as is in a TEXT
+# column and such names could not be stored before, so older catalogs need no migration for it.)
 ADDED_COLUMNS = (("phash", "TEXT NOT NULL DEFAULT ''"),)
+
+
+# ---- names and text ----------------------------------------------------------------------------------------------
+
+def printable(text) -> str:
+    """``text`` (a path, a detail) safe to print, log or store as UTF-8, on one line: bytes of a file name that are not
+    UTF-8 (kept by Python as lone surrogates, see os.fsdecode) become ``\\xNN``, control and format characters (a
+    newline in a file name, a terminal escape) ``\\n``, ``\\x1b``, ``\\u202e``. For display only: the catalog keeps
+    paths exactly."""
+    text = _utf8(str(text))
+    if text.isprintable():
+        return text
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in _ESCAPED else c
+                   for c in text)
+
+
+_ESCAPED = {"Cc", "Cf", "Zl", "Zp", "Cs"}
+
+
+def _utf8(text: str) -> str:
+    """``text`` encodable as UTF-8: lone surrogates (undecodable bytes of a file name) as ``\\xNN`` escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _sql_text(value):
+    """A text value for the catalog (SQLite text is UTF-8; Python's sqlite3 refuses lone surrogates)."""
+    return _utf8(value) if isinstance(value, str) else value
+
+
+def _sql_path(path) -> str | bytes:
+    """A path as the catalog stores it: the text itself when it is valid UTF-8; otherwise (a name with bytes that
+    are not UTF-8, which POSIX file systems allow) its exact bytes, ``os.fsencode``, as a BLOB. A name is only ever
+    stored one way, so lookups by path and the ledger's primary key work for both kinds."""
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        pass
+    try:
+        return os.fsencode(path)
+    except UnicodeEncodeError:  # lone surrogates no file name decodes to: kept as close as UTF-8 allows
+        return path.encode("utf-8", "surrogatepass")
+
+
+def _path_from_sql(value) -> str:
+    """The path :func:`_sql_path` stored, as the str ``os.walk`` gives for that name (``os.fsdecode``)."""
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    if isinstance(value, str):
+        return value
+    raise _Damage(f"a stored path is {type(value).__name__}, not text")
+
+
+# ---- damage ------------------------------------------------------------------------------------------------------
+
+class _Damage(Exception):
+    """A catalog value that medsim cannot have written; reported as IndexFormatError by :func:`_catalog_access`."""
+
+
+def _damaged(path, detail: str) -> str:
+    return (f"index {printable(path)}: {CATALOG} is damaged ({printable(detail)}); restore it from a backup, or move "
+            f"it away and rebuild the index with `medsim build-index`")
+
+
+def _catalog_error(path, exc: sqlite3.DatabaseError) -> IndexFormatError:
+    """One line for an SQLite error on the catalog: busy, I/O, refused change, else damage."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    where = f"index {printable(path)}: {CATALOG}"
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        return IndexFormatError(f"{where} is locked by another process ({exc}); try again")
+    if name.startswith(("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM",
+                        "SQLITE_AUTH", "SQLITE_NOLFS")):
+        return IndexFormatError(f"{where} could not be read or written ({exc})")
+    if isinstance(exc, sqlite3.IntegrityError):
+        return IndexFormatError(f"{where} refused a change ({exc})")
+    return IndexFormatError(_damaged(path, str(exc)))
+
+
+def _catalog_access(method):
+    """A method that reads or writes the catalog: damage (SQLite's errors, values medsim cannot have written) raises
+    IndexFormatError with the index's path and what to do, instead of a bare sqlite3/ValueError traceback."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except _Damage as exc:
+            raise IndexFormatError(_damaged(self.path, str(exc))) from exc
+        except (sqlite3.ProgrammingError, sqlite3.InterfaceError):
+            raise  # a bug in the caller (closed index, wrong parameters), not the catalog
+        except sqlite3.DatabaseError as exc:
+            raise _catalog_error(self.path, exc) from exc
+        except UnicodeDecodeError as exc:  # sqlite3 decoding a damaged text value (or SQLite's message about one)
+            raise IndexFormatError(_damaged(self.path, f"text that is not UTF-8: {exc}")) from exc
+
+    return wrapper
 
 
 @dataclass
@@ -91,21 +218,34 @@ class Case:
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> "Case":
-        return cls(
-            id=row["id"],
-            sop_uid=row["sop_uid"],
-            series_uid=row["series_uid"],
-            study_uid=row["study_uid"],
-            patient_id=row["patient_id"],
-            source_path=row["source_path"],
-            view=row["view"],
-            modality=row["modality"],
-            labels=tuple(v for v in row["labels"].split("|") if v),
-            pixel_hash=row["pixel_hash"],
-            attributes=json.loads(row["attributes"]),
-            added_at=row["added_at"],
-            phash=row["phash"] if "phash" in row.keys() else "",
-        )
+        try:
+            attributes = json.loads(row["attributes"])
+            if not isinstance(attributes, dict):
+                raise TypeError(f"attributes are {type(attributes).__name__}, not an object")
+            return cls(
+                id=row["id"],
+                sop_uid=row["sop_uid"],
+                series_uid=row["series_uid"],
+                study_uid=row["study_uid"],
+                patient_id=row["patient_id"],
+                source_path=_path_from_sql(row["source_path"]),
+                view=row["view"],
+                modality=row["modality"],
+                labels=tuple(v for v in row["labels"].split("|") if v),
+                pixel_hash=row["pixel_hash"],
+                attributes=attributes,
+                added_at=row["added_at"],
+                phash=row["phash"] if "phash" in row.keys() else "",
+            )
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise _Damage(f"case {_row_id(row)}: {type(exc).__name__}: {exc}") from None
+
+
+def _row_id(row) -> str:
+    try:
+        return str(row["id"])
+    except (KeyError, IndexError):
+        return "?"
 
 
 @dataclass
@@ -135,14 +275,35 @@ class CaseIndex:
         self._db = db
         self._writable = writable
         self._lock_fh = lock_fh
-        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise IndexFormatError(f"{path}: unknown index format {meta.get('format_version')!r}")
+        self._hnsw = None
+        self._dirty = False
+        meta = self._read_meta()
         self.meta = meta
         self.dim = meta["dim"]
         self.model_fingerprint = meta["model_fingerprint"]
-        self._hnsw = None
-        self._dirty = False
+
+    @_catalog_access
+    def _read_meta(self) -> dict:
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = sorted({"meta", "cases", "files"} - tables)
+        if missing:
+            raise _Damage(f"no {', '.join(missing)} table: not a complete medsim catalog")
+        meta = {}
+        for key, value in self._db.execute("SELECT key, value FROM meta"):
+            try:
+                meta[key] = json.loads(value)
+            except (TypeError, ValueError):
+                raise _Damage(f"metadata {printable(key)!r} is not JSON") from None
+        if "format_version" not in meta:
+            raise _Damage("its metadata has no format version")
+        if meta["format_version"] != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{printable(self.path)}: unknown index format {meta['format_version']!r} (this medsim reads format "
+                f"{FORMAT_VERSION}: a newer medsim wrote it, or {CATALOG} is damaged)")
+        problem = _meta_problem(meta)
+        if problem:
+            raise _Damage(f"metadata {problem}")
+        return meta
 
     # ---- opening -------------------------------------------------------------------------------------------------
 
@@ -152,57 +313,99 @@ class CaseIndex:
         """A new, empty index; refuses to overwrite an existing one."""
         path = Path(path)
         if (path / CATALOG).exists():
-            raise IndexFormatError(f"{path} already holds an index")
+            raise IndexFormatError(f"{printable(path)} already holds an index")
         path.mkdir(parents=True, exist_ok=True)
         lock_fh = _lock(path)
-        db = _connect(path / CATALOG)
-        now = time.time()
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "model_fingerprint": model_fingerprint,
-            "model_name": model_name,
-            "model_path": model_path,
-            "dim": dim,
-            "space": "cosine",
-            "M": M,
-            "ef_construction": ef_construction,
-            "ef": ef,
-            "created_at": now,
-            "updated_at": now,
-        }
-        with db:
-            db.executescript(SCHEMA)
-            db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-        return cls(path, db, writable=True, lock_fh=lock_fh)
+        db = None
+        try:
+            if (path / CATALOG).exists():
+                raise IndexFormatError(f"{printable(path)} already holds an index")
+            for suffix in ("-wal", "-shm", "-journal"):  # left by a catalog that is gone: SQLite would replay them
+                (path / (CATALOG + suffix)).unlink(missing_ok=True)
+            db = _connect(path / CATALOG)
+            now = time.time()
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "model_fingerprint": model_fingerprint,
+                "model_name": model_name,
+                "model_path": model_path,
+                "dim": dim,
+                "space": "cosine",
+                "M": M,
+                "ef_construction": ef_construction,
+                "ef": ef,
+                "created_at": now,
+                "updated_at": now,
+                GRAPH_RECORD: None,  # no graph saved for this catalog yet: a vectors.hnsw already there is not ours
+            }
+            with db:
+                db.executescript(SCHEMA)
+                db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            return cls(path, db, writable=True, lock_fh=lock_fh)
+        except sqlite3.DatabaseError as exc:
+            _close_quietly(db, lock_fh)
+            raise _catalog_error(path, exc) from exc
+        except UnicodeDecodeError as exc:
+            _close_quietly(db, lock_fh)
+            raise IndexFormatError(_damaged(path, f"text that is not UTF-8: {exc}")) from exc
+        except BaseException:
+            _close_quietly(db, lock_fh)
+            raise
 
     @classmethod
     def open(cls, path: str | Path, writable: bool = False) -> "CaseIndex":
         path = Path(path)
         if not (path / CATALOG).exists():
-            raise IndexFormatError(f"{path} is not a medsim index (no {CATALOG}); build one with `medsim build-index`")
+            raise IndexFormatError(f"{printable(path)} is not a medsim index (no {CATALOG}); build one with "
+                                   "`medsim build-index`")
+        problem = _catalog_file_problem(path / CATALOG)
+        if problem:
+            raise IndexFormatError(_damaged(path, problem))
         lock_fh = _lock(path) if writable else None
-        db = _connect(path / CATALOG, readonly=not writable)
-        if writable:
-            db.executescript(SCHEMA)
-            _add_missing_columns(db)
-        return cls(path, db, writable=writable, lock_fh=lock_fh)
+        db = None
+        try:
+            db = _connect(path / CATALOG, readonly=not writable)
+            index = cls(path, db, writable=writable, lock_fh=lock_fh)
+            if writable:
+                index._migrate()
+            return index
+        except sqlite3.DatabaseError as exc:
+            _close_quietly(db, lock_fh)
+            raise _catalog_error(path, exc) from exc
+        except UnicodeDecodeError as exc:
+            _close_quietly(db, lock_fh)
+            raise IndexFormatError(_damaged(path, f"text that is not UTF-8: {exc}")) from exc
+        except BaseException:
+            _close_quietly(db, lock_fh)
+            raise
+
+    @_catalog_access
+    def _migrate(self) -> None:
+        self._db.executescript(SCHEMA)
+        _add_missing_columns(self._db)
 
     @classmethod
     def open_or_create(cls, path: str | Path, **create_kwargs) -> "CaseIndex":
         path = Path(path)
         if (path / CATALOG).exists():
             index = cls.open(path, writable=True)
-            index.require_model(create_kwargs["model_fingerprint"])
+            try:
+                index.require_model(create_kwargs["model_fingerprint"])
+            except BaseException:
+                index.close()
+                raise
             return index
         return cls.create(path, **create_kwargs)
 
     def close(self) -> None:
-        if self._writable and self._dirty:
-            self.save()
-        self._db.close()
-        if self._lock_fh is not None:
-            self._lock_fh.close()
-            self._lock_fh = None
+        try:
+            if self._writable and self._dirty:
+                self.save()
+        finally:
+            self._db.close()
+            if self._lock_fh is not None:
+                self._lock_fh.close()
+                self._lock_fh = None
 
     def __enter__(self) -> "CaseIndex":
         return self
@@ -215,12 +418,14 @@ class CaseIndex:
     def require_model(self, fingerprint: str) -> None:
         if fingerprint != self.model_fingerprint:
             raise ModelMismatch(
-                f"index {self.path} was built with model {self.meta['model_name']} ({self.model_fingerprint}); "
-                f"refusing vectors from model {fingerprint}. Use that model, or build a new index."
+                f"index {printable(self.path)} was built with model {self.meta['model_name']} "
+                f"({self.model_fingerprint}); refusing vectors from model {fingerprint}. Use that model, or build a "
+                "new index."
             )
 
     # ---- writing -------------------------------------------------------------------------------------------------
 
+    @_catalog_access
     def add(self, cases: list[Case], vectors: np.ndarray, model_fingerprint: str,
             files: list[FileRecord] = ()) -> list[int]:
         """Add cases with their vectors (and the ledger rows of the files that produced them) in one transaction."""
@@ -238,9 +443,10 @@ class CaseIndex:
                     "INSERT INTO cases (sop_uid, series_uid, study_uid, patient_id, view, modality, labels,"
                     " source_path, pixel_hash, attributes, added_at, vector, phash)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (case.sop_uid, case.series_uid, case.study_uid, case.patient_id, case.view, case.modality,
-                     "|".join(case.labels), case.source_path, case.pixel_hash, json.dumps(case.attributes),
-                     now, vector.astype(np.float32).tobytes(), case.phash),
+                    (_sql_text(case.sop_uid), _sql_text(case.series_uid), _sql_text(case.study_uid),
+                     _sql_text(case.patient_id), _sql_text(case.view), _sql_text(case.modality),
+                     _sql_text("|".join(case.labels)), _sql_path(case.source_path), _sql_text(case.pixel_hash),
+                     json.dumps(case.attributes), now, vector.astype(np.float32).tobytes(), _sql_text(case.phash)),
                 )
                 ids.append(cur.lastrowid)
             self._record_files(files)
@@ -252,6 +458,7 @@ class CaseIndex:
             self._dirty = True
         return ids
 
+    @_catalog_access
     def record_files(self, files: list[FileRecord]) -> None:
         with self._db:
             self._record_files(files)
@@ -260,9 +467,11 @@ class CaseIndex:
         now = time.time()
         self._db.executemany(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?,?,?)",
-            [(f.path, f.size, f.mtime, f.status, f.reason, f.detail, f.sop_uid, now) for f in files],
+            [(_sql_path(f.path), f.size, f.mtime, _sql_text(f.status), _sql_text(f.reason), _sql_text(f.detail),
+              _sql_text(f.sop_uid), now) for f in files],
         )
 
+    @_catalog_access
     def set_meta(self, key: str, value) -> None:
         """Store a JSON value with the index (e.g. a calibrated operating point)."""
         with self._db:
@@ -272,35 +481,71 @@ class CaseIndex:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
         self.meta[key] = value
 
+    @_catalog_access
     def save(self) -> None:
-        """Write the vector graph atomically (temporary file, fsync, rename)."""
-        if self._hnsw is None:
+        """Write the vector graph atomically (temporary file, fsync, rename) and record its checksum, size and element
+        count in the catalog. When no graph was loaded (a build that added nothing), the file on disk is checked
+        instead and, if it does not match the catalog, rebuilt from it and written. Only a writable index saves."""
+        if not self._writable:
             return
+        if self._hnsw is None:
+            state, _ = self._graph_record()
+            problem = self._graph_problem()
+            if problem is None:
+                if state == "legacy":  # an index from before graphs were recorded, whose graph passed every check:
+                    file = self.path / VECTORS  # record it as it is (the migration of such an index)
+                    try:
+                        record = _graph_record_of(file, _graph_header(file, self.dim, self.meta["M"],
+                                                                      self.meta["ef_construction"]).count)
+                    except (_GraphInvalid, OSError):
+                        return  # changed under us: checked again on the next open
+                    with self._db:
+                        self._set_meta(GRAPH_RECORD, record)
+                return
+            self._graph()
+        file = self.path / VECTORS
         tmp = self.path / f".{VECTORS}.tmp-{os.getpid()}"
-        self._hnsw.save_index(str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path / VECTORS)
+        try:
+            self._hnsw.save_index(os.fsencode(tmp))  # bytes: hnswlib takes any path that way, str only UTF-8
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            record = _graph_record_of(tmp, self._hnsw.get_current_count())
+            os.replace(tmp, file)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(self.path)
+        with self._db:  # after the rename: a crash in between leaves a file that fails the check, so it is rebuilt
+            self._set_meta(GRAPH_RECORD, record)
         self._dirty = False
 
     # ---- reading -------------------------------------------------------------------------------------------------
 
+    @_catalog_access
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
 
+    @_catalog_access
     def known_files(self) -> dict[str, tuple[int, float, str]]:
         """path -> (size, mtime, status) for every file a previous run handled."""
-        rows = self._db.execute("SELECT path, size, mtime, status FROM files")
-        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+        known = {}
+        for path, size, mtime, status in self._db.execute("SELECT path, size, mtime, status FROM files"):
+            if not (isinstance(size, int) and isinstance(mtime, (int, float)) and isinstance(status, str)):
+                raise _Damage(f"file ledger row {printable(_path_from_sql(path))}: size {size!r}, mtime {mtime!r}, "
+                              f"status {status!r}")
+            known[_path_from_sql(path)] = (size, mtime, status)
+        return known
 
+    @_catalog_access
     def file_records(self, status: str | None = None) -> list[FileRecord]:
         sql = "SELECT path, size, mtime, status, reason, detail, sop_uid FROM files"
         rows = self._db.execute(sql + " WHERE status=?", (status,)) if status else self._db.execute(sql)
-        return [FileRecord(*r) for r in rows]
+        return [FileRecord(_path_from_sql(r[0]), *r[1:]) for r in rows]
 
+    @_catalog_access
     def has_sop_uid(self, sop_uid: str) -> bool:
-        return self._db.execute("SELECT 1 FROM cases WHERE sop_uid=?", (sop_uid,)).fetchone() is not None
+        return self._db.execute("SELECT 1 FROM cases WHERE sop_uid=?", (_sql_text(sop_uid),)).fetchone() is not None
 
+    @_catalog_access
     def find_pixel_hash(self, pixel_hash: str) -> Case | None:
         """The first indexed case whose decoded pixels hash to ``pixel_hash`` (an exact duplicate), if any."""
         if not pixel_hash:
@@ -308,14 +553,17 @@ class CaseIndex:
         row = self._db.execute("SELECT * FROM cases WHERE pixel_hash=? ORDER BY id LIMIT 1", (pixel_hash,)).fetchone()
         return Case._from_row(row) if row else None
 
+    @_catalog_access
     def get(self, sop_uid: str) -> Case | None:
-        row = self._db.execute("SELECT * FROM cases WHERE sop_uid=?", (sop_uid,)).fetchone()
+        row = self._db.execute("SELECT * FROM cases WHERE sop_uid=?", (_sql_text(sop_uid),)).fetchone()
         return Case._from_row(row) if row else None
 
+    @_catalog_access
     def get_by_path(self, source_path: str) -> Case | None:
-        row = self._db.execute("SELECT * FROM cases WHERE source_path=?", (source_path,)).fetchone()
+        row = self._db.execute("SELECT * FROM cases WHERE source_path=?", (_sql_path(source_path),)).fetchone()
         return Case._from_row(row) if row else None
 
+    @_catalog_access
     def cases(self, ids=None) -> list[Case]:
         if ids is None:
             return [Case._from_row(r) for r in self._db.execute("SELECT * FROM cases ORDER BY id")]
@@ -325,29 +573,36 @@ class CaseIndex:
         by_id = {r["id"]: Case._from_row(r) for r in rows}
         return [by_id[i] for i in ids if i in by_id]
 
+    @_catalog_access
     def vector(self, sop_uid: str) -> np.ndarray | None:
-        row = self._db.execute("SELECT vector FROM cases WHERE sop_uid=?", (sop_uid,)).fetchone()
-        return np.frombuffer(row[0], dtype=np.float32).copy() if row else None
+        row = self._db.execute("SELECT id, vector FROM cases WHERE sop_uid=?", (_sql_text(sop_uid),)).fetchone()
+        return _decode_vectors([row], self.dim)[0].copy() if row else None
 
+    @_catalog_access
     def vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, vectors) of every case, in id order."""
         rows = self._db.execute("SELECT id, vector FROM cases ORDER BY id").fetchall()
         ids = np.asarray([r[0] for r in rows], dtype=np.int64)
-        vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-        return ids, vectors
+        return ids, _decode_vectors(rows, self.dim)
 
+    @_catalog_access
     def patient_image_count(self, patient_id: str | None) -> int:
         if patient_id is None:
             return 0
-        return self._db.execute("SELECT COUNT(*) FROM cases WHERE patient_id=?", (patient_id,)).fetchone()[0]
+        return self._db.execute("SELECT COUNT(*) FROM cases WHERE patient_id=?",
+                                (_sql_text(patient_id),)).fetchone()[0]
 
+    @_catalog_access
     def label_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for (labels,) in self._db.execute("SELECT labels FROM cases"):
+            if not isinstance(labels, str):
+                raise _Damage(f"a case's labels are {type(labels).__name__}, not text")
             for label in filter(None, labels.split("|")):
                 counts[label] = counts.get(label, 0) + 1
         return dict(sorted(counts.items()))
 
+    @_catalog_access
     def stats(self) -> dict:
         """What `medsim info` and the API show."""
         db = self._db
@@ -356,7 +611,7 @@ class CaseIndex:
             "SELECT status, reason, COUNT(*) FROM files WHERE status != 'indexed' GROUP BY status, reason"
         ).fetchall()
         return {
-            "path": str(self.path),
+            "path": printable(self.path),
             "cases": len(self),
             "patients": db.execute("SELECT COUNT(DISTINCT patient_id) FROM cases").fetchone()[0],
             "studies": db.execute("SELECT COUNT(DISTINCT study_uid) FROM cases").fetchone()[0],
@@ -366,12 +621,15 @@ class CaseIndex:
             "updated_at": self.meta["updated_at"],
             "hnsw": {k: self.meta[k] for k in ("M", "ef_construction", "ef")},
             "labels": self.label_counts(),
+            "views": {view or "unknown": n
+                      for view, n in db.execute("SELECT view, COUNT(*) FROM cases GROUP BY view")},
             "files": status_counts,
             "not_indexed": {f"{s}:{r}": n for s, r, n in reasons},
         }
 
     # ---- search --------------------------------------------------------------------------------------------------
 
+    @_catalog_access
     def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
                exclude_sop_uid: str | None = None) -> list[Hit]:
         """Top-k cases by cosine similarity, best first, without the excluded patient's images or the query itself."""
@@ -392,6 +650,7 @@ class CaseIndex:
             hits.append(Hit(case=case, score=float(1.0 - distance)))
         return hits[:k]
 
+    @_catalog_access
     def neighbours(self, vectors: np.ndarray, k: int, num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
         """Batch k-NN for many query vectors: (case ids, cosine similarities), each (n, k), best first; k is capped
         at the number of cases. For scans over the whole index (duplicates); no SQL per query."""
@@ -404,26 +663,38 @@ class CaseIndex:
         labels, distances = hnsw.knn_query(vectors, k=k, num_threads=num_threads)
         return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
 
+    # ---- the vector graph ----------------------------------------------------------------------------------------
+
+    @_catalog_access
     def _graph(self):
-        """The hnswlib graph, loaded from disk and caught up with the catalog, or rebuilt from it."""
+        """The hnswlib graph: the saved file when it passes the checks (caught up with cases committed after it was
+        saved), else rebuilt from the catalog's vectors. hnswlib never reads a file that failed a check."""
         if self._hnsw is not None:
             return self._hnsw
         import hnswlib
 
-        hnsw = hnswlib.Index(space="cosine", dim=self.dim)
         ids, vectors = self.vectors()
-        loaded = False
-        file = self.path / VECTORS
-        if file.exists():
+        problem = self._graph_problem((ids, vectors))
+        hnsw = None
+        if problem is None:
+            hnsw = hnswlib.Index(space="cosine", dim=self.dim)
             try:
-                hnsw.load_index(str(file), max_elements=max(len(ids), 1))
-                loaded = True
-            except RuntimeError:
-                loaded = False  # unreadable cache: rebuilt below from the catalog
-        if not loaded:
+                hnsw.load_index(os.fsencode(self.path / VECTORS), max_elements=max(len(ids), 1))  # any path
+            except (RuntimeError, MemoryError, ValueError) as exc:
+                hnsw, problem = None, f"could not be loaded ({exc})"
+        present: set[int] = set()
+        if hnsw is None:
+            if problem and len(ids):
+                log.warning("index %s: %s %s; rebuilt the vector graph from the %d vectors in %s%s",
+                            printable(self.path), VECTORS, problem, len(ids), CATALOG,
+                            "" if self._writable else
+                            " (in memory only: the index is open read-only; the next `medsim build-index` on it "
+                            "saves the repaired graph)")
+            hnsw = hnswlib.Index(space="cosine", dim=self.dim)
             hnsw.init_index(max_elements=max(len(ids), 1024), M=self.meta["M"],
                             ef_construction=self.meta["ef_construction"], allow_replace_deleted=False)
-        present = set(hnsw.get_ids_list()) if loaded else set()
+        else:
+            present = set(hnsw.get_ids_list())
         missing = np.asarray([i for i in ids.tolist() if i not in present], dtype=np.int64)
         if len(missing):
             mask = np.isin(ids, missing)
@@ -433,12 +704,374 @@ class CaseIndex:
         self._hnsw = hnsw
         return hnsw
 
+    def _graph_record(self) -> tuple[str, dict | None]:
+        """What the catalog recorded of its graph file: ("recorded", record), ("none", None) when it has saved none,
+        ("legacy", None) for an index from before graphs were recorded, ("invalid", None) for an unreadable record."""
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (GRAPH_RECORD,)).fetchone()
+        if row is None:
+            return "legacy", None
+        try:
+            record = json.loads(row[0])
+        except (TypeError, ValueError):
+            return "invalid", None
+        if record is None:
+            return "none", None
+        if (isinstance(record, dict) and isinstance(record.get("sha256"), str) and _is_count(record.get("bytes"))
+                and _is_count(record.get("count"))):
+            return "recorded", record
+        return "invalid", None
+
+    def _graph_problem(self, catalog: tuple[np.ndarray, np.ndarray] | None = None) -> str | None:
+        """None when vectors.hnsw may be given to hnswlib; else why not ('' when there is simply none yet). With a
+        recorded checksum: header, element count, size and SHA-256 must match the record. Without one (an index from
+        before graphs were recorded): the full structural check of :func:`_check_graph_body` against ``catalog``
+        ((ids, vectors), read here when not given)."""
+        for _ in range(3):  # a writer may save a new graph meanwhile: check again against its new record
+            state, record = self._graph_record()
+            problem = self._graph_file_problem(state, record, catalog)
+            if problem is None or self._graph_record() == (state, record):
+                return problem
+        return problem
+
+    def _graph_file_problem(self, state: str, record: dict | None,
+                            catalog: tuple[np.ndarray, np.ndarray] | None) -> str | None:
+        file = self.path / VECTORS
+        exists = file.exists()
+        if state == "none":
+            return "was not saved with this catalog (left by an earlier index?); discarded" if exists else ""
+        if state == "invalid":
+            return f"cannot be checked ({CATALOG} holds no readable record of it)"
+        if not exists:
+            return "is missing"
+        try:
+            header = _graph_header(file, self.dim, self.meta["M"], self.meta["ef_construction"])
+            if state == "legacy":
+                ids, vectors = catalog if catalog is not None else self.vectors()
+                _check_graph_body(file, header, ids, vectors)
+                return None
+            if header.count != record["count"]:
+                return f"holds {header.count} vectors, but {CATALOG} recorded {record['count']}"
+            if header.size != record["bytes"]:
+                return f"has {header.size} bytes, but {CATALOG} recorded {record['bytes']}"
+            if _sha256(file) != record["sha256"]:
+                return f"does not match the SHA-256 recorded in {CATALOG} (damaged)"
+        except _GraphInvalid as exc:
+            return f"is damaged ({exc})"
+        except OSError as exc:
+            return f"could not be read ({exc.strerror or exc})"
+        return None
+
+    # ---- whole-index reads for scans (medsim.duplicates) ---------------------------------------------------------
+
+    @_catalog_access
+    def phashes(self) -> tuple[np.ndarray, list[str]]:
+        """(ids, perceptual hashes) of every case, in id order; '' where none is stored, and for every case of an
+        index written before the ``phash`` column existed (opened read-only, so not migrated)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(cases)")}
+        column = "phash" if "phash" in columns else "''"
+        rows = self._db.execute(f"SELECT id, {column} FROM cases ORDER BY id").fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        return ids, [r[1] for r in rows]
+
+    @_catalog_access
+    def pixel_hash_groups(self) -> list[list[int]]:
+        """Case ids (ascending) of every set of two or more cases with the same non-empty pixel hash (exact
+        duplicates), ordered by pixel hash; one SQL GROUP BY on the indexed column."""
+        rows = self._db.execute(
+            "SELECT pixel_hash, id FROM cases WHERE pixel_hash IN (SELECT pixel_hash FROM cases WHERE pixel_hash != ''"
+            " GROUP BY pixel_hash HAVING COUNT(*) > 1) ORDER BY pixel_hash, id"
+        )
+        groups: list[list[int]] = []
+        previous = None
+        for pixel_hash, case_id in rows:
+            if pixel_hash != previous:
+                groups.append([])
+                previous = pixel_hash
+            groups[-1].append(case_id)
+        return groups
+
+    def iter_vectors(self, batch_size: int = 4096):
+        """(ids, vectors) of every case in id order, in batches of at most ``batch_size`` cases, read from the
+        catalog as they are consumed (a scan that does not hold every vector twice)."""
+        cursor = self._vector_cursor()
+        try:
+            while (batch := self._vector_batch(cursor, batch_size)) is not None:
+                yield batch
+        finally:
+            cursor.close()
+
+    @_catalog_access
+    def _vector_cursor(self):
+        return self._db.execute("SELECT id, vector FROM cases ORDER BY id")
+
+    @_catalog_access
+    def _vector_batch(self, cursor, batch_size: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The next (ids, vectors) of an :meth:`iter_vectors` scan, checked like :meth:`vectors`; None at the end."""
+        rows = cursor.fetchmany(batch_size)
+        if not rows:
+            return None
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)), _decode_vectors(rows, self.dim)
+
+    # ---- long-lived readers (medsim.server.state.ServedIndex): cheap change detection, the loaded graph ----------
+
+    @_catalog_access
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` of this connection: it changes whenever another connection commits to the
+        catalog (build-index, calibrate), so a long-lived reader can tell cheaply, without reading a table, that it
+        should look again."""
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
+
+    @_catalog_access
+    def state_key(self) -> tuple:
+        """What a served snapshot depends on, read fresh from the catalog: every metadata row (updated_at, the
+        operating point, the graph record, ...), the number of cases and the largest case id. Equal keys: nothing
+        served has changed (a commit that only touched the file ledger leaves the key as it was)."""
+        meta = tuple(sorted((key, value) for key, value in self._db.execute("SELECT key, value FROM meta")))
+        count, max_id = self._db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM cases").fetchone()
+        return meta, int(count), int(max_id)
+
+    def graph(self):
+        """The hnswlib graph (:meth:`_graph`: loaded, checked and caught up with the catalog on first use); readers
+        that hold a snapshot query it directly, with at most ``get_current_count()`` neighbours per query."""
+        return self._graph()
+
 
 def _ensure_capacity(hnsw, extra: int) -> None:
     needed = hnsw.get_current_count() + extra
     if needed > hnsw.get_max_elements():
         hnsw.resize_index(max(needed, 2 * hnsw.get_max_elements()))
 
+
+# ---- catalog values ----------------------------------------------------------------------------------------------
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _meta_problem(meta: dict) -> str | None:
+    """What is wrong with the index metadata medsim relies on, if anything (types and sane ranges)."""
+    limits = {"dim": 1 << 16, "M": 10_000, "ef_construction": 10_000_000, "ef": 10_000_000}
+    for key, limit in limits.items():
+        value = meta.get(key)
+        if not _is_count(value) or not 0 < value <= limit:
+            return f"{key}={value!r}"
+    for key in ("model_fingerprint", "model_name"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            return f"{key}={meta.get(key)!r}"
+    if not isinstance(meta.get("model_path", ""), str):
+        return f"model_path={meta.get('model_path')!r}"
+    for key in ("created_at", "updated_at"):
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{key}={value!r}"
+    return None
+
+
+def _decode_vectors(rows, dim: int) -> np.ndarray:
+    """(n, dim) float32 from (id, vector blob) rows; a blob of another length or type is damage (a short vector, or
+    metadata naming the wrong dimension), not a reshape ValueError."""
+    try:
+        blob = b"".join(r[1] for r in rows)
+    except TypeError:
+        bad = next(r for r in rows if not isinstance(r[1], bytes))
+        raise _Damage(f"case {bad[0]} has a vector of type {type(bad[1]).__name__}, not binary") from None
+    if len(blob) != len(rows) * 4 * dim:
+        bad = next(r for r in rows if len(r[1]) != 4 * dim)
+        raise _Damage(f"case {bad[0]} has a vector of {len(bad[1])} bytes, the index's {dim} dimensions need "
+                      f"{4 * dim}")
+    return np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
+
+
+# ---- checking a graph file before hnswlib reads it ---------------------------------------------------------------
+
+class _GraphInvalid(Exception):
+    """vectors.hnsw is not a graph hnswlib can safely load for this index."""
+
+
+# hnswlib's saveIndex header (hnswalg.h, format of 0.6-0.8): offsetLevel0, max_elements, cur_element_count,
+# size_data_per_element, label_offset, offsetData (size_t), maxlevel (int), enterpoint_node (uint32), maxM, maxM0, M
+# (size_t), mult (double), ef_construction (size_t). Then cur_element_count level-0 records of size_data_per_element
+# bytes (link count word, maxM0 links, the vector, the label), then per element a uint32 byte size of its upper-level
+# link lists and those lists (level * (4 + 4 * maxM) bytes).
+_HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+_MAX_LEVEL = 1000
+
+
+@dataclass(frozen=True)
+class _GraphHeader:
+    size: int  # bytes of the file
+    count: int
+    per_element: int
+    label_offset: int
+    data_offset: int
+    maxlevel: int
+    enterpoint: int
+    maxM: int
+    maxM0: int
+
+
+def _graph_header(file: Path, dim: int, M: int, ef_construction: int) -> _GraphHeader:
+    """The header of a graph file, checked against the index (dimension, M, ef_construction) and the file's size."""
+    with open(file, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        raw = fh.read(_HNSW_HEADER.size)
+    if len(raw) < _HNSW_HEADER.size:
+        raise _GraphInvalid(f"{size} bytes, shorter than its header")
+    (offset0, max_elements, count, per_element, label_offset, data_offset, maxlevel, enterpoint, maxM, maxM0,
+     M_, mult, stored_ef_construction) = _HNSW_HEADER.unpack(raw)
+    links0 = 4 + 4 * maxM0
+    if offset0 != 0 or M_ != M or maxM != M_ or maxM0 != 2 * M_:
+        raise _GraphInvalid(f"header: M={M_}, maxM={maxM}, maxM0={maxM0}; the index uses M={M}")
+    if data_offset != links0 or label_offset != links0 + 4 * dim or per_element != label_offset + 8:
+        raise _GraphInvalid(f"header: element layout ({per_element} bytes, vector at {data_offset}, label at "
+                            f"{label_offset}) is not that of {dim}-d vectors with M={M}")
+    if not count <= max_elements < 1 << 32:
+        raise _GraphInvalid(f"header: {count} elements, capacity {max_elements}")
+    expected_mult = 1.0 / math.log(M) if M > 1 else math.inf
+    if not (mult == expected_mult or math.isclose(mult, expected_mult, rel_tol=1e-15)):
+        raise _GraphInvalid(f"header: level multiplier {mult!r}, expected {expected_mult!r} for M={M}")
+    if stored_ef_construction != max(ef_construction, M):  # hnswlib keeps max(ef_construction, M)
+        raise _GraphInvalid(f"header: ef_construction {stored_ef_construction}, the index uses {ef_construction}")
+    if count == 0:
+        if maxlevel != -1 or size != _HNSW_HEADER.size:
+            raise _GraphInvalid(f"header: no elements, but top level {maxlevel} and {size} bytes")
+    elif not (0 <= maxlevel <= _MAX_LEVEL and enterpoint < count):
+        raise _GraphInvalid(f"header: top level {maxlevel}, entry point {enterpoint} of {count} elements")
+    minimum = _HNSW_HEADER.size + count * (per_element + 4)
+    if size < minimum:
+        raise _GraphInvalid(f"{size} bytes, but its {count} elements need at least {minimum} (truncated)")
+    return _GraphHeader(size, count, per_element, label_offset, data_offset, maxlevel, enterpoint, maxM, maxM0)
+
+
+def _check_graph_body(file: Path, h: _GraphHeader, ids: np.ndarray, vectors: np.ndarray,
+                      chunk: int = 65536) -> None:
+    """Everything hnswlib trusts when it loads and searches a graph, checked without it: every link list's length
+    within its bound, every link to an existing element, every upper-level link to an element that has that level,
+    the level sizes adding up to the file's size and the top level and entry point agreeing with them, no deletion
+    marks (medsim never deletes), every label a distinct case id of the catalog, and each element's vector the
+    catalog's vector of that case (normalised, as hnswlib stores it for cosine): a graph of another catalog fails.
+    For an index from before the catalog recorded its graph's checksum."""
+    n, dim = h.count, vectors.shape[1] if vectors.ndim == 2 else 0
+    if n == 0:
+        return
+    if n > len(ids):
+        raise _GraphInvalid(f"holds {n} vectors, the catalog {len(ids)}")
+    base = _HNSW_HEADER.size
+    level0_end = base + n * h.per_element
+    words = h.per_element // 4
+    level0 = np.memmap(file, dtype=np.uint32, mode="r", offset=base, shape=(n, words))
+    first, data0, label0 = 1, h.data_offset // 4, h.label_offset // 4
+    seen = np.zeros(len(ids), dtype=bool)
+    slots = np.arange(h.maxM0)
+    for start in range(0, n, chunk):
+        part = np.asarray(level0[start:start + chunk])
+        head = part[:, 0]
+        if (head >> 16).any():
+            raise _GraphInvalid(f"element {start + int(np.flatnonzero(head >> 16)[0])} is marked deleted or has stray "
+                                "bits in its link count")
+        counts = head & 0xFFFF
+        if (counts > h.maxM0).any():
+            raise _GraphInvalid(f"element {start + int(np.flatnonzero(counts > h.maxM0)[0])} has more than "
+                                f"{h.maxM0} links")
+        links = part[:, first:first + h.maxM0]
+        if (links[slots < counts[:, None]] >= n).any():
+            raise _GraphInvalid("a level-0 link points past the last element")
+        labels = np.ascontiguousarray(part[:, label0:label0 + 2]).view(np.uint64).ravel().astype(np.int64)
+        where = np.searchsorted(ids, labels)
+        found = (where < len(ids)) & (ids[np.minimum(where, len(ids) - 1)] == labels) & (labels >= 0)
+        if not found.all():
+            raise _GraphInvalid(f"holds id {int(labels[~found][0])}, which is no case of the catalog")
+        if seen[where].any() or len(np.unique(where)) != len(where):
+            raise _GraphInvalid("holds a case id twice")
+        seen[where] = True
+        stored = part[:, data0:data0 + dim].view(np.float32)
+        expected = vectors[where]
+        expected = expected / (np.linalg.norm(expected, axis=1, keepdims=True) + 1e-30)
+        if not (np.abs(stored - expected) <= 1e-4).all():
+            raise _GraphInvalid("its vectors are not the catalog's (a graph of another catalog, or damaged)")
+    del level0
+    with open(file, "rb") as fh:
+        fh.seek(level0_end)
+        tail = np.frombuffer(fh.read(), dtype=np.uint8)
+    if len(tail) % 4:
+        raise _GraphInvalid("its upper-level link lists do not add up to the file's size")
+    tail = tail.view(np.uint32)
+    per_level = 1 + h.maxM  # words: count, maxM links
+    # walk the size words: elements without upper levels have a 0 word; jump over the others' lists
+    nonzero = np.flatnonzero(tail)
+    levels = np.zeros(n, dtype=np.int64)
+    upper: list[tuple[int, int, int]] = []  # element, first word of its lists, levels
+    element, word = 0, 0
+    while element < n:
+        nxt = int(np.searchsorted(nonzero, word))
+        if nxt == len(nonzero):  # the rest are level-0 elements, one 0 word each
+            word += n - element
+            element = n
+            break
+        jump = int(nonzero[nxt]) - word
+        if jump >= n - element:
+            word += n - element
+            element = n
+            break
+        element += jump
+        word += jump
+        size = int(tail[word])
+        if size % (4 * per_level) or size // (4 * per_level) > _MAX_LEVEL:
+            raise _GraphInvalid(f"element {element} has upper-level lists of {size} bytes")
+        levels[element] = size // (4 * per_level)
+        upper.append((element, word + 1, int(levels[element])))
+        word += 1 + size // 4
+        element += 1
+        if word > len(tail):
+            raise _GraphInvalid("its upper-level link lists run past the end of the file (truncated)")
+    if word != len(tail):
+        raise _GraphInvalid(f"{4 * (len(tail) - word)} bytes after its last link list")
+    if int(levels.max()) != h.maxlevel or int(levels[h.enterpoint]) != h.maxlevel:
+        raise _GraphInvalid(f"top level {h.maxlevel} and entry point {h.enterpoint} disagree with the elements' "
+                            f"levels (highest {int(levels.max())})")
+    if upper:
+        owners = np.repeat(np.asarray([u[0] for u in upper]), [u[2] for u in upper])
+        level_of_row = np.concatenate([np.arange(1, u[2] + 1) for u in upper])
+        row_start = np.concatenate([u[1] + per_level * np.arange(u[2]) for u in upper])
+        rows = tail[row_start[:, None] + np.arange(per_level)]
+        counts = rows[:, 0]
+        if (counts > h.maxM).any():
+            raise _GraphInvalid(f"element {int(owners[np.flatnonzero(counts > h.maxM)[0]])} has more than {h.maxM} "
+                                "links on an upper level")
+        mask = np.arange(h.maxM) < counts[:, None]
+        targets = rows[:, 1:][mask].astype(np.int64)
+        if (targets >= n).any():
+            raise _GraphInvalid("an upper-level link points past the last element")
+        if (levels[targets] < np.broadcast_to(level_of_row[:, None], mask.shape)[mask]).any():
+            raise _GraphInvalid("an upper-level link points to an element without that level")
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _graph_record_of(file: Path, count: int) -> dict:
+    return {"sha256": _sha256(file), "bytes": file.stat().st_size, "count": int(count)}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---- the catalog file --------------------------------------------------------------------------------------------
 
 def _add_missing_columns(db: sqlite3.Connection) -> None:
     """Schema migration for an index written by an older medsim: append the columns of ADDED_COLUMNS it lacks."""
@@ -449,15 +1082,59 @@ def _add_missing_columns(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE cases ADD COLUMN {name} {declaration}")
 
 
+def _catalog_file_problem(file: Path) -> str | None:
+    """Damage visible before SQLite opens the catalog (an empty or foreign file, a truncated one), if any; SQLite
+    would create tables in an empty file, and reports a truncated one only when a query reaches a missing page."""
+    try:
+        with open(file, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            header = fh.read(100)
+    except OSError as exc:
+        raise IndexFormatError(f"index {printable(file.parent)}: cannot read {CATALOG} "
+                               f"({exc.strerror or exc})") from None
+    if size == 0:
+        return "an empty file, 0 bytes"
+    if not header.startswith(b"SQLite format 3\x00"):
+        return "not an SQLite database"
+    if len(header) < 100:
+        return f"truncated to {size} bytes"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or page_size & (page_size - 1):
+        return f"damaged header: page size {page_size}"
+    pages = int.from_bytes(header[28:32], "big")
+    try:  # with a WAL in use, pages may be in the WAL and the file's header stale: SQLite's own checks apply then
+        wal_size = file.with_name(file.name + "-wal").stat().st_size
+    except OSError:
+        wal_size = 0
+    if not wal_size and pages and header[24:28] == header[92:96] and size < pages * page_size:
+        return f"truncated: {size} of {pages * page_size} bytes"
+    return None
+
+
 def _connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
-    if readonly:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-    else:
-        db = sqlite3.connect(path, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
+    # a URI of the exact bytes of the path: any name (also '?', '#', '%' or bytes that are not UTF-8) opens that file
+    uri = "file:" + urllib.parse.quote(os.fsencode(path)) + ("?mode=ro" if readonly else "")
+    db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+    try:
+        if not readonly:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+    except BaseException:
+        db.close()
+        raise
     db.row_factory = sqlite3.Row
     return db
+
+
+def _close_quietly(db, lock_fh) -> None:
+    if db is not None:
+        try:
+            db.close()
+        except sqlite3.Error:
+            pass
+    if lock_fh is not None:
+        lock_fh.close()
 
 
 def _lock(path: Path):
@@ -467,14 +1144,5 @@ def _lock(path: Path):
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         fh.close()
-        raise IndexFormatError(f"{path} is being written by another process") from None
+        raise IndexFormatError(f"{printable(path)} is being written by another process") from None
     return fh
-
-
-@contextmanager
-def open_index(path: str | Path, writable: bool = False):
-    index = CaseIndex.open(path, writable=writable)
-    try:
-        yield index
-    finally:
-        index.close()
