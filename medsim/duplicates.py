@@ -407,6 +407,8 @@ CSV_COLUMNS = ("group", "group_size", "group_kind", "group_patients", "kind", "p
 def write_csv(report: DuplicateReport, path: str | Path) -> None:
     """One row per matched pair; ``group`` joins the rows of one group (exact copies appear as pairs with the
     group's first case)."""
+    from medsim.index import printable
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="", encoding="utf-8") as fh:
@@ -420,7 +422,7 @@ def write_csv(report: DuplicateReport, path: str | Path) -> None:
                                  "" if p.cosine is None else f"{p.cosine:.4f}",
                                  "" if p.hamming is None else p.hamming, a.sop_uid, b.sop_uid, a.patient_id or "",
                                  b.patient_id or "", "|".join(a.labels), "|".join(b.labels), a.study_uid, b.study_uid,
-                                 a.source_path, b.source_path])
+                                 printable(a.source_path), printable(b.source_path)])
 
 
 def thumbnail_data_uri(source_path: str, size: int = 192) -> str:

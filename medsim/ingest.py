@@ -143,8 +143,10 @@ def image_kind(path: Path) -> str | None:
 
 
 def pseudo_uid(*parts: str) -> str:
-    """A stable DICOM UID (2.25 form) for something that has none, e.g. a PNG file."""
-    return f"2.25.{uuid.uuid5(UID_NAMESPACE, '/'.join(parts)).int}"
+    """A stable DICOM UID (2.25 form) for something that has none, e.g. a PNG file. A file name that is not UTF-8
+    (surrogate-escaped by the file system layer) is named by its bytes, so every name has one UID."""
+    name = "/".join(parts).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return f"2.25.{uuid.uuid5(UID_NAMESPACE, name).int}"
 
 
 def read_any(path: str | Path, root: str | Path | None = None, policy: ChestPolicy = ChestPolicy()) -> Radiograph:

@@ -175,3 +175,20 @@ def test_build_index_records_a_non_utf8_file_name(non_utf8_corpus, tmp_path):
     assert result.returncode == 0 and "Traceback" not in output, output[-3000:]
     counts, problems = _ledger_problems(index, files)
     assert not problems and counts == {"indexed": 1}, (counts, problems)
+
+
+def test_png_with_a_non_utf8_name_gets_a_stable_pseudo_uid(tmp_path):
+    """PNG/JPEG files get UIDs from their path; a name that is not UTF-8 must still get one (the same every time),
+    and UTF-8 names keep the UIDs they always had."""
+    from PIL import Image
+
+    from medsim.ingest import pseudo_uid
+
+    Image.fromarray(np.linspace(0, 255, 64 * 64).reshape(64, 64).astype(np.uint8)).save(tmp_path / "ok.png")
+    odd = os.path.join(os.fsencode(tmp_path), b"\xff\xfe-odd.png")
+    os.link(os.fsencode(tmp_path / "ok.png"), odd)
+    first = read_any(os.fsdecode(odd), root=tmp_path)
+    again = read_any(os.fsdecode(odd), root=tmp_path)
+    assert first.sop_uid == again.sop_uid and first.sop_uid.startswith("2.25.")
+    assert first.sop_uid != read_any(tmp_path / "ok.png", root=tmp_path).sop_uid
+    assert pseudo_uid("sop", "a/b.png") == "2.25.249839480350448749841733782377148542353"  # as before the fix
