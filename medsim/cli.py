@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Similar-case retrieval for chest X-rays: index a PACS export, then find similar cases of "
         "other patients.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Subcommands whose arguments come from another module add them on first use (_LazyParser), so that
+    # `medsim --help` and the other subcommands import nothing heavy (torch, MONAI, OpenCV, hnswlib, Flask).
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_LazyParser)
 
     build = sub.add_parser(
         "build-index",
@@ -82,13 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_evaluation_commands(sub)
 
-    from medsim.train.cli import add_arguments as add_train_arguments
-
     train = sub.add_parser("train", help="fine-tune VGG-16 on labeled chest radiographs (MONAI); write a model bundle",
                            description="Fine-tune the VGG-16 embedding on labeled images (patient-disjoint "
                            "validation split, retrieval mAP@10 every epoch, best checkpoint kept) and write a model "
-                           "bundle that build-index, query, evaluate and serve accept. See docs/model-card.md.")
-    add_train_arguments(train)
+                           "bundle that build-index, query, evaluate and serve accept. See docs/model-card.md.",
+                           add_arguments=_add_train_arguments)
     train.set_defaults(func=cmd_train)
 
     info = sub.add_parser("info", help="size, model, creation time and label vocabulary of an index")
@@ -98,15 +98,51 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_duplicates_command(sub)
 
-    from medsim.server.settings import add_arguments as add_serve_arguments
-
     serve = sub.add_parser("serve", help="run the similar-case API (waitress) over an index, fed by a PACS",
                            description="Serve /api/v1 (similar, cases, index) and /healthz over INDEX; non-indexed "
                            "instances are fetched from the PACS over DICOMweb. Settings come from flags, MEDSIM_* "
-                           "environment variables or a TOML/JSON config file (see docs/api.md).")
-    add_serve_arguments(serve)
+                           "environment variables or a TOML/JSON config file (see docs/api.md).",
+                           add_arguments=_add_serve_arguments)
     serve.set_defaults(func=cmd_serve)
     return parser
+
+
+class _LazyParser(argparse.ArgumentParser):
+    """A subcommand's parser whose ``add_arguments(parser)`` runs on first use (parsing, help or usage), so the module
+    that defines those arguments is imported only when that subcommand is chosen."""
+
+    def __init__(self, *args, add_arguments=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def _complete(self) -> None:
+        add_arguments, self._add_arguments = self._add_arguments, None
+        if add_arguments is not None:
+            add_arguments(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+
+def _add_train_arguments(parser) -> None:
+    from medsim.train.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _add_serve_arguments(parser) -> None:
+    from medsim.server.settings import add_arguments
+
+    add_arguments(parser)
 
 
 def _model_argument(parser, help_suffix: str = "") -> None:
@@ -121,7 +157,7 @@ def cmd_build_index(args) -> int:
     from medsim.build import build_index
     from medsim.dicom import DEFAULT_MAX_PIXELS, ChestPolicy
     from medsim.ingest import LabelTable
-    from medsim.dicomweb import build_index_from_dicomweb, is_dicomweb_url
+    from medsim.dicomweb import is_dicomweb_url
     from medsim.model import resolve_bundle
 
     from_pacs = is_dicomweb_url(args.source)
@@ -132,9 +168,9 @@ def cmd_build_index(args) -> int:
     policy = ChestPolicy(any_body_part=args.any_body_part, any_modality=args.any_modality,
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     print(f"model: {bundle.name} ({bundle.fingerprint}); index: {args.index}", file=sys.stderr)
-    build = build_index_from_dicomweb if from_pacs else build_index
-    report = build(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
-                   batch_size=args.batch_size, progress=not args.no_progress, skip_duplicates=args.skip_duplicates)
+    report = build_index(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
+                         batch_size=args.batch_size, progress=not args.no_progress,
+                         skip_duplicates=args.skip_duplicates)
     for line in report.summary_lines():
         print(line)
     if args.report:
@@ -166,13 +202,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from medsim.search import NO_THRESHOLD, Searcher
+    from medsim.operating_point import NONE
+    from medsim.search import Searcher
 
     with Searcher.open(args.index, model=args.model) as searcher:
-        result = searcher.query_file(args.file, k=args.k, patient_id=args.patient_id,
-                                     include_same_patient=args.include_same_patient,
-                                     threshold=NO_THRESHOLD if args.no_threshold else args.threshold,
-                                     target_recall=args.target_recall)
+        op = searcher.operating_point(k=args.k, threshold=NONE if args.no_threshold else args.threshold,
+                                      target_recall=args.target_recall)
+        vector, info = searcher.file_query(args.file, patient_id=args.patient_id)
+        result = searcher.search(vector, info, op, include_same_patient=args.include_same_patient)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -180,9 +217,9 @@ def cmd_query(args) -> int:
     print(f"query: {args.file}  patient {query.patient_id or 'unknown'}  "
           f"{'indexed (stored vector)' if query.indexed else 'embedded now'}"
           f"{'' if args.include_same_patient else '; same-patient cases excluded'}")
-    print(_operating_point_line(result.operating_point))
+    print(_operating_point_line(op.threshold_summary()))
     if not result.hits:
-        print("no case above the threshold" if result.operating_point else "no other cases in the index")
+        print("no other cases in the index" if op.threshold is None else "no case above the threshold")
         return 0
     header = f"{'rank':>4}  {'score':>6}  {'labels':<28}  {'study / series / SOP instance UID':<40}  path"
     print(header)
@@ -196,9 +233,9 @@ def cmd_query(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from medsim.index import open_index
+    from medsim.index import CaseIndex
 
-    with open_index(args.index) as index:
+    with CaseIndex.open(args.index) as index:
         stats = index.stats()
     if args.json:
         print(json.dumps(stats, indent=2))
@@ -224,16 +261,21 @@ def cmd_info(args) -> int:
 
 
 def _add_duplicates_command(sub) -> None:
-    from medsim.duplicates import Thresholds
-
-    defaults = Thresholds()
     dup = sub.add_parser(
         "duplicates", help="find exact and near-duplicate images in an index (CSV, optional HTML with thumbnails)",
         description="Group the index's images into duplicates: exact (same decoded pixels, from the pixel hash "
         "stored at ingest) and near-duplicate (embedding neighbours with cosine >= --min-cosine whose perceptual "
         "hashes differ in at most --max-hamming of 256 bits: resized, re-compressed, re-windowed copies). Each match "
         "is labelled same-patient, different-patient (a possible identity or labelling error) or unknown-patient. "
-        "Uses the ANN index, never an N x N matrix. See docs/duplicates.md.")
+        "Uses the ANN index, never an N x N matrix. See docs/duplicates.md.",
+        add_arguments=_add_duplicates_arguments)
+    dup.set_defaults(func=cmd_duplicates)
+
+
+def _add_duplicates_arguments(dup) -> None:
+    from medsim.duplicates import Thresholds
+
+    defaults = Thresholds()
     dup.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
     dup.add_argument("--out", type=Path, required=True, help="CSV to write, one row per matched pair with its group")
     dup.add_argument("--html", type=Path, help="also write a self-contained HTML page: each group's thumbnails side "
@@ -250,7 +292,6 @@ def _add_duplicates_command(sub) -> None:
                      help="show stored patient IDs in the HTML instead of per-report pseudonyms")
     dup.add_argument("--json", action="store_true", help="print the groups as JSON instead of a summary")
     dup.add_argument("--no-progress", action="store_true", help="no progress bar")
-    dup.set_defaults(func=cmd_duplicates)
 
 
 def cmd_duplicates(args) -> int:
@@ -373,7 +414,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from medsim.calibrate import calibrate_index, describe
+    from medsim.evaluate.calibrate import calibrate_index, describe
 
     op = calibrate_index(args.index, args.labels, target_recall=args.target_recall, k=args.k,
                          relevance=args.relevance, include_same_patient=args.include_same_patient,

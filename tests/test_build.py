@@ -71,6 +71,7 @@ def test_rerun_reads_only_new_files(sample_index, bundle, tmp_path):
     assert report.indexed == 1 and report.total_cases == 17
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_without_losing_or_repeating_work(tmp_path):
     index = tmp_path / "idx"
     cmd = [sys.executable, "-m", "medsim.cli", "build-index", str(SAMPLE_DIR), "--index", str(index),

@@ -32,6 +32,7 @@ from medsim.ingest import LabelTable, read_any
 
 from conftest import ROOT, SAMPLE_DIR, SHARED_CXR, sample_manifest
 
+pytestmark = pytest.mark.slow
 _spec = importlib.util.spec_from_file_location("duplicates_eval", ROOT / "benchmarks" / "duplicates_eval.py")
 gen = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("duplicates_eval", gen)

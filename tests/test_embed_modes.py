@@ -8,6 +8,8 @@ from medsim.model import imagenet_bundle
 from medsim.model.embedder import EMBED_MODE_ENV, EMBED_MODES, default_embed_mode, native_bf16
 from medsim.model.convert import synthetic_radiograph
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def bundle():

@@ -12,6 +12,7 @@ pytest.importorskip("matplotlib")
 
 from medsim.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.slow
 CXR = SHARED_CXR
 N_IMAGES = 40
 

@@ -263,6 +263,7 @@ def _damage_catalog(file, kind):
 CATALOG_DAMAGE = ("empty", "text", "truncated", "header-flip", "page-flips")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", CATALOG_DAMAGE)
 def test_damaged_catalog_gives_one_line_errors(sample_index, tmp_path, kind):
     copy = _copy(sample_index, tmp_path)

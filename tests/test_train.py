@@ -27,6 +27,7 @@ from medsim.train.run import TrainConfig, Trainer, TrainError, decode_tensor
 
 from conftest import SHARED_CXR
 
+pytestmark = pytest.mark.train
 # 18 images of 17 patients from four sources: NIH (two images of one patient), NIH 64 px, Kermany, Hannover.
 PICK = {"nih": 7, "nih64": 3, "kermany": 5, "hannover": 3}
 FAST = ["--epochs", "2", "--batch-size", "6", "--max-steps-per-epoch", "2", "--validation-fraction", "0.3",

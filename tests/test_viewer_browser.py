@@ -66,7 +66,7 @@ def _requirements() -> str | None:
         return "Chromium is not installed (apt-get install chromium, or set MEDSIM_CHROMIUM)"
     if viewer_dist() is None:
         return "the OHIF viewer is not fetched (make viewer)"
-    from medsim.pacs import find_dicomweb_plugin, find_orthanc
+    from medsim.orthanc import find_dicomweb_plugin, find_orthanc
 
     if not (find_orthanc() and find_dicomweb_plugin()):
         return "Orthanc with its DICOMweb plugin is not installed (make orthanc)"
