@@ -100,3 +100,26 @@ def pytest_collection_modifyitems(config, items):
                 markers.add("shared_data")
         for marker in sorted(markers - {m.name for m in item.iter_markers()}):
             item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def bundle():
+    """The ImageNet VGG-16 GAP bundle (converted once per session into the session's MEDSIM_HOME)."""
+    from medsim.model import resolve_bundle
+
+    return resolve_bundle("imagenet")
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory, bundle):
+    """(path, build report) of the sample export indexed once per session with the ImageNet bundle. Tests read it;
+    a test that changes an index works on a copy."""
+    from medsim.build import build_index
+    from medsim.ingest import LabelTable
+
+    sample_manifest()
+    path = tmp_path_factory.mktemp("idx") / "sample-index"
+    report = build_index(SAMPLE_DIR, path, bundle, labels=LabelTable.from_csv(SAMPLE_DIR / "labels.csv"),
+                         workers=1, batch_size=4, progress=False)
+    return path, report
+

@@ -21,22 +21,6 @@ from medsim.ingest import LabelTable
 from conftest import SAMPLE_DIR, SHARED_CXR, SHARED_DICOM, sample_manifest
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    from medsim.model import resolve_bundle
-
-    return resolve_bundle("imagenet")
-
-
-@pytest.fixture(scope="module")
-def sample_index(tmp_path_factory, bundle):
-    sample_manifest()
-    path = tmp_path_factory.mktemp("idx") / "sample-index"
-    report = build_index(SAMPLE_DIR, path, bundle, labels=LabelTable.from_csv(SAMPLE_DIR / "labels.csv"),
-                         workers=1, batch_size=4, progress=False)
-    return path, report
-
-
 def test_build_sorts_every_sample_file_into_its_outcome(sample_index):
     path, report = sample_index
     assert report.indexed == 16 and report.total_cases == 16

@@ -26,27 +26,10 @@ REBUILT = "rebuilt the vector graph"
 GRAPH_RECORD = "graph"  # the catalog meta key of the graph file's checksum
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    from medsim.model import resolve_bundle
-
-    return resolve_bundle("imagenet")
-
-
-@pytest.fixture(scope="module")
-def sample_index(tmp_path_factory, bundle):
-    """The 16-image index of the sample export, built once; tests work on copies (:func:`_copy`)."""
-    sample_manifest()
-    path = tmp_path_factory.mktemp("integrity") / "sample-index"
-    report = build_index(SAMPLE_DIR, path, bundle, labels=LabelTable.from_csv(SAMPLE_DIR / "labels.csv"),
-                         workers=1, batch_size=8, progress=False)
-    assert report.total_cases == 16
-    return path
-
-
 def _copy(index, tmp_path, name="index"):
+    """A copy of the session's sample index (``index``: the sample_index fixture) to damage."""
     copy = tmp_path / name
-    shutil.copytree(index, copy)
+    shutil.copytree(index[0], copy)
     return copy
 
 
