@@ -156,7 +156,7 @@ def calibrated_query(pacs):
 
 
 def test_calibrated_threshold_versus_explicit_k(client, pacs, service, monkeypatch):
-    from medsim.calibrate import threshold_for_recall
+    from medsim.operating_point import threshold_for_recall
 
     query, kept = calibrated_query(pacs)
     stored = pacs.operating_point

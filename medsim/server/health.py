@@ -2,6 +2,9 @@
 
 200 with ``"status": "ok"`` when the index is loaded and the PACS (if configured) answers; 200 with
 ``"status": "degraded"`` when the PACS does not answer (indexed queries still work); 503 when the index is unusable.
+``index`` describes the snapshot being served (its size agrees with ``/api/v1/index`` and the cases resource): the
+number of cases, the model, when the catalog was last updated and when the snapshot was loaded, and, when a newer
+committed index could not be loaded, why.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ def blueprint() -> Blueprint:
 def healthz():
     service: Service = current_app.extensions["medsim"]
     try:
-        with service.index_lock:
-            cases = len(service.index)
-        index = {"loaded": True, "cases": cases, "model": service.index.model_fingerprint}
+        with service.pinned() as snapshot:
+            index = {"loaded": True, "cases": snapshot.count, "model": service.index.model_fingerprint,
+                     "updated_at": snapshot.updated_at, "loaded_at": round(snapshot.loaded_at, 3)}
+        if service.index.last_error:
+            index["reload_error"] = service.index.last_error
     except Exception as exc:  # a broken catalog must show here, not crash the probe
         index = {"loaded": False, "error": f"{type(exc).__name__}: {exc}"}
     configured = service.pacs is not None

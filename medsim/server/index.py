@@ -1,10 +1,11 @@
-"""``GET /api/v1/index``: what the service searches: size, model, operating point and label vocabulary."""
+"""``GET /api/v1/index``: what the service searches: size, model, operating point and label vocabulary, all of the
+index snapshot being served (a newer committed index is picked up without a restart; see ``state.ServedIndex``)."""
 
 from __future__ import annotations
 
 from flask import Blueprint, current_app, jsonify
 
-from medsim.server import operating_point
+from medsim import operating_point
 from medsim.server.similar import app_settings
 from medsim.server.state import Service
 
@@ -17,8 +18,13 @@ def blueprint() -> Blueprint:
 
 def index_info():
     service: Service = current_app.extensions["medsim"]
-    stats = service.stats()
-    calibration = operating_point.public_view(service.index.meta)
+    with service.pinned() as snapshot:  # size, statistics and operating point of one snapshot
+        return _index_info(service, snapshot)
+
+
+def _index_info(service: Service, snapshot):
+    stats = snapshot.stats
+    calibration = operating_point.public_view(snapshot.meta)
     return jsonify({
         "cases": stats["cases"],
         "studies": stats["studies"],

@@ -9,7 +9,7 @@ The query image is named by UIDs (JSON) or uploaded (multipart ``file`` field, o
 
 Parameters: ``k`` (1..max_k), ``threshold`` (cosine, -1..1) or ``target_recall`` (0..1], ``include_same_patient``
 (default false), ``group_by`` = ``study`` (default; one row per study: its best image) or ``image``.
-See :mod:`medsim.server.operating_point` for how k and thresholds combine.
+See :mod:`medsim.operating_point` for how k and thresholds combine.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from urllib.parse import quote, urlencode
 
 from flask import Blueprint, current_app, jsonify, request
 
+from medsim import operating_point
 from medsim.dicomweb import is_uid
 from medsim.search import QueryInfo
-from medsim.server import operating_point
-from medsim.server.errors import ApiError
+from medsim.server.errors import ApiError, error_response
 from medsim.server.security import audit
-from medsim.server.state import CachedQuery, Service
+from medsim.server.state import CachedQuery, ServerBusy, Service
 from medsim.server.settings import Settings
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid")
@@ -45,31 +45,54 @@ def patient_ref(service: Service, patient_id: str | None) -> str | None:
 def blueprint() -> Blueprint:
     bp = Blueprint("similar", __name__)
     bp.add_url_rule("/similar", view_func=similar, methods=["POST"])
+    bp.register_error_handler(ServerBusy, _busy)
     return bp
+
+
+def _busy(exc: ServerBusy):
+    response = error_response(503, "busy", exc.description)
+    response.headers["Retry-After"] = str(exc.seconds)
+    return response
 
 
 def similar():
     service: Service = current_app.extensions["medsim"]
+    with service.pinned():  # one index snapshot for the whole request: sizes, hits and operating point agree
+        return _similar(service)
+
+
+def _similar(service: Service):
     settings = app_settings()
     started = time.perf_counter()
     mimetype = request.mimetype
     if mimetype == "application/json":
         body = _json_body()
-        params = parse_parameters(body, typed=True)
+        query = _query_string()
+        from_query = parse_parameters(query, typed=False)
+        twice = sorted(set(query) & set(body))
+        if twice:
+            raise ApiError(400, "invalid-parameter", f"{twice} given both in the query string and in the JSON body")
+        params = {**from_query, **parse_parameters(body, typed=True)}
         uids = {name: body.get(name) for name in UID_FIELDS}
         audit(source="uids", **{k: v[:80] for k, v in uids.items() if isinstance(v, str)})
         op = _operating_point(service, settings, params)  # before any PACS fetch or embedding
         vector, info, source = _query_by_uids(service, uids)
     elif mimetype in ("multipart/form-data", "application/dicom"):
         if mimetype == "multipart/form-data":
-            upload = request.files.get("file")
+            files, form = _multipart()
+            upload = files.get("file")
             if upload is None:
                 raise ApiError(400, "bad-request", "multipart upload needs the DICOM file in a field named 'file'")
             data = upload.read()
-            fields = {**request.args.to_dict(), **request.form.to_dict()}
+            query = _query_string()
+            fields = {name: form.get(name) for name in form}
+            twice = sorted(set(query) & set(fields))
+            if twice:
+                raise ApiError(400, "invalid-parameter", f"{twice} given both in the query string and in the form")
+            fields.update(query)
         else:
             data = request.get_data()
-            fields = request.args.to_dict()
+            fields = _query_string()
         params = parse_parameters(fields, typed=False)
         audit(source="upload", upload_bytes=len(data))
         op = _operating_point(service, settings, params)
@@ -101,9 +124,9 @@ def similar():
 
 def _operating_point(service: Service, settings: Settings, params: dict) -> operating_point.OperatingPoint:
     try:
-        return operating_point.resolve(service.searcher, k=params.get("k"), threshold=params.get("threshold"),
-                                       target_recall=params.get("target_recall"), default_k=settings.default_k,
-                                       max_k=settings.max_k)
+        return service.searcher.operating_point(k=params.get("k"), threshold=params.get("threshold"),
+                                                target_recall=params.get("target_recall"),
+                                                default_k=settings.default_k, max_k=settings.max_k)
     except operating_point.OperatingPointError as exc:
         raise ApiError(422, "operating-point", str(exc)) from None
 
@@ -119,6 +142,8 @@ def _json_body() -> dict:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, "malformed-json", f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed-json", "request body is not a usable JSON object: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "malformed-json", "request body must be a JSON object")
     unknown = sorted(set(body) - set(UID_FIELDS) - set(PARAMETERS))
@@ -126,6 +151,34 @@ def _json_body() -> dict:
         raise ApiError(400, "unknown-field", f"unknown field(s) {unknown}; allowed: "
                        f"{list(UID_FIELDS) + list(PARAMETERS)}")
     return body
+
+
+def _query_string() -> dict:
+    """The query-string parameters, each at most once."""
+    repeated = sorted(name for name in request.args if len(request.args.getlist(name)) > 1)
+    if repeated:
+        raise ApiError(400, "invalid-parameter", f"parameter(s) {repeated} given more than once")
+    return request.args.to_dict()
+
+
+def _multipart():
+    """(files, form) of a multipart body; every part must be named, and each name used once."""
+    from werkzeug.exceptions import HTTPException
+
+    try:
+        files, form = request.files, request.form
+    except HTTPException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - werkzeug's parser on a malformed body
+        raise ApiError(400, "bad-request", f"malformed multipart body ({type(exc).__name__})") from None
+    names = list(files.keys()) + list(form.keys())
+    if any(not isinstance(name, str) or not name for name in names):
+        raise ApiError(400, "bad-request", "every multipart part needs a name (Content-Disposition: form-data; "
+                       "name=...)")
+    repeated = sorted({name for name in names if len(files.getlist(name)) + len(form.getlist(name)) > 1})
+    if repeated:
+        raise ApiError(400, "bad-request", f"multipart part(s) {repeated} given more than once")
+    return files, form
 
 
 def parse_parameters(fields: dict, typed: bool) -> dict:
@@ -191,7 +244,7 @@ def _query_by_uids(service: Service, uids: dict):
         raise ApiError(400, "bad-request", "sop_uid is required (with study_uid and series_uid for instances that "
                        "are not indexed)")
     for name, value in uids.items():
-        if value is not None and not is_uid(value):
+        if value is not None and not (is_uid(value) and not value.endswith("\n")):  # is_uid's $ allows a final \n
             raise ApiError(400, "invalid-uid", f"{name} is not a DICOM UID (digits and dots, at most 64 characters): "
                            f"{str(value)[:80]!r}")
     case = service.case(sop_uid)
@@ -200,8 +253,7 @@ def _query_by_uids(service: Service, uids: dict):
             if uids.get(name) is not None and uids[name] != getattr(case, name):
                 raise ApiError(409, "uid-mismatch", f"the indexed instance {sop_uid} belongs to {name} "
                                f"{getattr(case, name)}, not {uids[name]}")
-        info = QueryInfo(case.sop_uid, case.series_uid, case.study_uid, case.patient_id, case.view, indexed=True)
-        return service.stored_vector(sop_uid), info, "index"
+        return (*service.indexed_query(case), "index")
     if uids.get("study_uid") is None or uids.get("series_uid") is None:
         raise ApiError(404, "not-indexed", f"instance {sop_uid} is not indexed; pass study_uid and series_uid too "
                        "so it can be fetched from the PACS")
@@ -213,9 +265,7 @@ def _query_by_uids(service: Service, uids: dict):
         radiograph = service.fetch_radiograph(*key)
         if radiograph.sop_uid != sop_uid:
             raise ApiError(502, "pacs-error", f"the PACS returned instance {radiograph.sop_uid} for {sop_uid}")
-        cached = CachedQuery(service.embed(radiograph),
-                             QueryInfo(radiograph.sop_uid, radiograph.series_uid, radiograph.study_uid,
-                                       radiograph.patient_id, radiograph.view, indexed=False))
+        cached = CachedQuery(*service.radiograph_query(radiograph))
         service.vectors.put(key, cached)
     return cached.vector, cached.info, "pacs"
 
@@ -225,15 +275,7 @@ def _query_by_upload(service: Service, data: bytes):
         raise ApiError(400, "bad-request", "the upload is empty")
     if len(data) < 132 or data[128:132] != b"DICM":
         raise ApiError(415, "not-dicom", "the upload is not a DICOM Part 10 file (no DICM preamble)")
-    radiograph = service.radiograph_from_bytes(data)
-    case = service.case(radiograph.sop_uid)
-    if case is not None:
-        info = QueryInfo(case.sop_uid, case.series_uid, case.study_uid, radiograph.patient_id or case.patient_id,
-                         case.view or radiograph.view, indexed=True)
-        return service.stored_vector(case.sop_uid), info, "upload"
-    info = QueryInfo(radiograph.sop_uid, radiograph.series_uid, radiograph.study_uid, radiograph.patient_id,
-                     radiograph.view, indexed=False)
-    return service.embed(radiograph), info, "upload"
+    return (*service.radiograph_query(service.radiograph_from_bytes(data)), "upload")
 
 
 # ---- ranking -------------------------------------------------------------------------------------------------------
@@ -248,7 +290,7 @@ def rank(service: Service, vector, info: QueryInfo, op: operating_point.Operatin
     total = service.size
     fetch = min(total, op.k if group_by == "image" else op.k * 2)
     while True:
-        kept = service.search(vector, info, fetch, include_same_patient, op.threshold)
+        kept = service.search(vector, info, op.with_k(fetch), include_same_patient)
         if group_by == "study":
             studies: OrderedDict = OrderedDict()
             for hit in kept:

@@ -2,8 +2,12 @@
 
 Thread safety (waitress serves requests on several threads):
 
-* The index (one SQLite connection, the hnswlib graph and its query breadth) is used under ``index_lock``: every
-  read is a few milliseconds, so one lock costs little and keeps SQLite cursors and ``set_ef`` from interleaving.
+* The index is served as one immutable :class:`Snapshot` at a time (its own SQLite connection, hnswlib graph and
+  statistics), read under the snapshot's lock: every read is a few milliseconds, so one lock costs little and keeps
+  SQLite cursors and ``set_ef`` from interleaving. A newer committed index (build-index adding cases, calibrate) is
+  loaded in the background and swapped in atomically (:class:`ServedIndex`); a request reads one snapshot.
+* Decoding an image (upload or PACS instance) is bounded before it starts (header checks) and runs in at most
+  ``max_concurrent_decodes`` threads at once.
 * Embedding runs under ``embed_lock``: torch already uses every core for one image, so parallel embeddings would
   only compete; PACS fetches and decoding happen outside both locks, in parallel.
 * The index is opened read-only: no request can change it.
@@ -11,25 +15,34 @@ Thread safety (waitress serves requests on several threads):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import hmac
 import io
 import logging
 import os
 import secrets
+import struct
 import tempfile
 import threading
 import time
+import weakref
+import zlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from werkzeug.exceptions import ServiceUnavailable
 
 from medsim.dicom import ChestPolicy, Radiograph, read_dicom
 from medsim.dicomweb import DicomWebClient, is_dicomweb_url
+from medsim.errors import MedsimError, ReadFailure, SkipFile
+from medsim.files import medsim_home
 from medsim.index import Case, CaseIndex, Hit
-from medsim.search import NO_THRESHOLD, QueryInfo, Searcher
+from medsim.operating_point import OperatingPoint
+from medsim.search import QueryInfo, Searcher
 from medsim.server.settings import Settings
 
 log = logging.getLogger("medsim.server")
@@ -66,53 +79,302 @@ class LRU:
                 self._data.popitem(last=False)
 
 
-class ServedIndex(CaseIndex):
-    """The read-only index as the server sees it: a snapshot taken at start-up (the vector graph is loaded once), so
-    its cases can be cached: rows are read and parsed once, not on every query. Restart the server to serve cases
-    added later."""
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """One committed state of the index as served, never changed once loaded: a read-only :class:`CaseIndex` (its
+    own SQLite connection), its vector graph, the ids the graph holds, and the statistics read with it. A newer
+    committed state is a new Snapshot, swapped in whole by :class:`ServedIndex`.
 
-    CACHE_SIZE = 200_000
+    Every size, case and hit comes from here, so they agree: the catalog may already hold cases that the graph does
+    not (build-index commits more while the snapshot is served); those are "not indexed" in this snapshot, and a
+    search never asks the graph for more neighbours than it holds."""
 
-    def _cached(self):
-        cache = self.__dict__.get("_case_cache")
-        if cache is None:
-            cache = self.__dict__["_case_cache"] = LRU(self.CACHE_SIZE)
-        return cache
+    index: CaseIndex
+    graph: object  # hnswlib.Index
+    ids: np.ndarray  # sorted case ids in the graph: the cases this snapshot serves
+    key: tuple  # CaseIndex.state_key() read before the graph was loaded
+    stats: dict
+    loaded_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the SQLite connection and set_ef, one at a time
+    cache: LRU = field(default_factory=lambda: LRU(ServedIndex.CACHE_SIZE))  # parsed Case rows, by id and SOP UID
+
+    @classmethod
+    def load(cls, path: Path, model_fingerprint: str | None = None) -> "Snapshot":
+        """Open the index at ``path`` read-only and load its graph. The state key is read first, so a commit made
+        while this loads shows as a newer state at the next check."""
+        index = CaseIndex.open(path)
+        try:
+            if model_fingerprint is not None:
+                index.require_model(model_fingerprint)  # an index rebuilt with another model is never swapped in
+            key = index.state_key()
+            graph = index.graph()
+            ids = np.sort(np.asarray(graph.get_ids_list(), dtype=np.int64))
+            stats = index.stats()
+            stats["cases"] = int(len(ids))  # what is searched, whatever the catalog committed meanwhile
+            snapshot = cls(index=index, graph=graph, ids=ids, key=key, stats=stats, loaded_at=time.time())
+        except BaseException:
+            index.close()
+            raise
+        weakref.finalize(snapshot, index.close)  # a swapped-out snapshot closes once no request holds it
+        return snapshot
+
+    @property
+    def count(self) -> int:
+        return int(len(self.ids))
+
+    @property
+    def meta(self) -> dict:
+        return self.index.meta
+
+    @property
+    def updated_at(self) -> float:
+        return float(self.stats.get("updated_at") or 0.0)
+
+    def holds(self, case_id) -> bool:
+        at = int(np.searchsorted(self.ids, case_id))
+        return at < len(self.ids) and int(self.ids[at]) == int(case_id)
+
+    def get(self, sop_uid: str) -> Case | None:
+        case = self.cache.get(("sop", sop_uid))
+        if case is None:
+            with self.lock:
+                case = self.index.get(sop_uid)
+            if case is None or not self.holds(case.id):  # not committed, or committed after this snapshot
+                return None
+            self.cache.put(("sop", sop_uid), case)
+        return case
+
+    def get_by_path(self, source_path: str) -> Case | None:
+        with self.lock:
+            case = self.index.get_by_path(source_path)
+        return case if case is not None and self.holds(case.id) else None
+
+    def vector(self, sop_uid: str) -> np.ndarray | None:
+        if self.get(sop_uid) is None:
+            return None
+        with self.lock:
+            return self.index.vector(sop_uid)
 
     def cases(self, ids=None) -> list[Case]:
         if ids is None:
-            return super().cases()
-        cache = self._cached()
+            with self.lock:
+                return [case for case in self.index.cases() if self.holds(case.id)]
         ids = [int(i) for i in ids]
-        found = {i: cache.get(i) for i in ids}
-        missing = [i for i, case in found.items() if case is None]
+        found = {i: self.cache.get(i) for i in ids}
+        missing = [i for i, case in found.items() if case is None and self.holds(i)]
         if missing:
-            for case in super().cases(missing):
-                cache.put(case.id, case)
+            with self.lock:
+                fetched = self.index.cases(missing)
+            for case in fetched:
+                self.cache.put(case.id, case)
                 found[case.id] = case
         return [found[i] for i in ids if found.get(i) is not None]
 
+    def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
+               exclude_sop_uid: str | None = None) -> list[Hit]:
+        """:meth:`CaseIndex.search` over this snapshot: at most ``count`` neighbours are asked of the graph."""
+        n = self.count
+        if n == 0 or k <= 0:
+            return []
+        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        with self.lock:
+            excluded = self.index.patient_image_count(exclude_patient) + (1 if exclude_sop_uid else 0)
+            fetch = min(n, k + excluded)
+            self.graph.set_ef(max(int(self.meta["ef"]), fetch))
+            try:
+                labels, distances = self.graph.knn_query(query, k=fetch)
+            except RuntimeError:  # hnswlib found fewer than `fetch` at this breadth: search the whole graph
+                self.graph.set_ef(n)
+                labels, distances = self.graph.knn_query(query, k=fetch)
+        by_id = {case.id: case for case in self.cases(labels[0])}
+        hits = []
+        for case_id, distance in zip(labels[0].tolist(), distances[0].tolist()):
+            case = by_id.get(int(case_id))
+            if case is None:
+                continue
+            if exclude_patient is not None and case.patient_id == exclude_patient:
+                continue
+            if exclude_sop_uid is not None and case.sop_uid == exclude_sop_uid:
+                continue
+            hits.append(Hit(case=case, score=float(1.0 - distance)))
+        return hits[:k]
+
+    def close(self) -> None:
+        with self.lock:
+            self.index.close()
+
+
+_PINNED: contextvars.ContextVar = contextvars.ContextVar("medsim_pinned_snapshot", default=None)
+
+
+class ServedIndex:
+    """The read-only index as the server sees it: one immutable :class:`Snapshot` at a time.
+
+    Reads go to the current snapshot (or, inside :meth:`pinned`, to the one this request started with, so that
+    one response is computed from one state). A watcher thread checks every ``check_interval`` seconds whether the
+    catalog committed a newer state (``PRAGMA data_version``, then :meth:`CaseIndex.state_key`: cases added or
+    removed, metadata such as the operating point changed), loads it off the request path and swaps it in with one
+    assignment; requests keep using the old snapshot until the new one is ready. The model must stay the same: an
+    index rebuilt with another model is refused (logged; the old snapshot stays). Safe to share between threads."""
+
+    CACHE_SIZE = 200_000
+
+    def __init__(self, path: str | Path, check_interval: float = 0.0):
+        self.path = Path(path)
+        self._probe = CaseIndex.open(self.path)  # a connection for the cheap check only
+        self.model_fingerprint = self._probe.model_fingerprint
+        self.dim = self._probe.dim
+        self._probe_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # one loader at a time
+        self._snapshot: Snapshot | None = None
+        self._seen_version: int | None = None
+        self.last_error: str | None = None
+        self.check_interval = float(check_interval or 0.0)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if self.check_interval > 0:
+            self._watcher = threading.Thread(target=self._watch, name="medsim-index-watch", daemon=True)
+            self._watcher.start()
+
+    @classmethod
+    def open(cls, path: str | Path, check_interval: float = 0.0) -> "ServedIndex":
+        return cls(path, check_interval)
+
+    # ---- snapshots -----------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """The snapshot this thread reads: the pinned one inside :meth:`pinned`, else the current one (loaded on
+        first use)."""
+        pinned = _PINNED.get()
+        if pinned is not None and pinned[0] is self:
+            return pinned[1]
+        snapshot = self._snapshot
+        if snapshot is None:
+            with self._load_lock:
+                snapshot = self._load_first()
+        return snapshot
+
+    def _load_first(self) -> Snapshot:
+        """The first snapshot (``_load_lock`` held)."""
+        if self._snapshot is None:
+            with self._probe_lock:
+                self._seen_version = self._probe.data_version()
+            self._snapshot = Snapshot.load(self.path, self.model_fingerprint)
+        return self._snapshot
+
+    @contextlib.contextmanager
+    def pinned(self):
+        """Within the block, this thread's reads all use one snapshot (the current one); yields it."""
+        snapshot = self.snapshot()
+        token = _PINNED.set((self, snapshot))
+        try:
+            yield snapshot
+        finally:
+            _PINNED.reset(token)
+
+    def refresh(self) -> bool:
+        """Load and swap in a newer committed state, if there is one; True when a new snapshot was swapped in.
+        Raises when the newer state cannot be loaded (the current snapshot stays; the next call tries again)."""
+        with self._load_lock:
+            if self._snapshot is None:
+                self._load_first()
+                return True
+            with self._probe_lock:
+                version = self._probe.data_version()
+                if version == self._seen_version:
+                    return False
+                key = self._probe.state_key()
+            if key == self._snapshot.key:  # e.g. a commit of ledger rows only
+                self._seen_version = version
+                return False
+            new = Snapshot.load(self.path, self.model_fingerprint)
+            old, self._snapshot = self._snapshot, new  # the swap: one assignment
+            self._seen_version = version
+        log.info("index %s: serving a newer snapshot, %d cases (was %d), updated %s", self.path, new.count, old.count,
+                 time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(new.updated_at)))
+        return True  # the old snapshot is freed when the last request using it ends
+
+    def _watch(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.check_interval * min(2 ** failures, 30)):
+            try:
+                self.refresh()
+                failures, self.last_error = 0, None
+            except Exception as exc:  # noqa: BLE001 - keep serving the current snapshot, try again later
+                failures += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("index %s: cannot load the newer committed state (%s); still serving the snapshot of "
+                            "%d cases", self.path, self.last_error, self._snapshot.count if self._snapshot else 0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(10)
+        with self._load_lock:
+            with self._probe_lock:
+                self._probe.close()
+            if self._snapshot is not None:
+                self._snapshot.close()
+
+    # ---- reads (CaseIndex's, over one snapshot) ------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict:
+        return self.snapshot().meta
+
+    def __len__(self) -> int:
+        return self.snapshot().count
+
+    def stats(self) -> dict:
+        return self.snapshot().stats
+
     def get(self, sop_uid: str) -> Case | None:
-        cache = self._cached()
-        case = cache.get(("sop", sop_uid))
-        if case is None:
-            case = super().get(sop_uid)
-            if case is not None:
-                cache.put(("sop", sop_uid), case)
-        return case
+        return self.snapshot().get(sop_uid)
+
+    def get_by_path(self, source_path: str) -> Case | None:
+        return self.snapshot().get_by_path(source_path)
+
+    def vector(self, sop_uid: str) -> np.ndarray | None:
+        return self.snapshot().vector(sop_uid)
+
+    def cases(self, ids=None) -> list[Case]:
+        return self.snapshot().cases(ids)
+
+    def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
+               exclude_sop_uid: str | None = None) -> list[Hit]:
+        return self.snapshot().search(vector, k, exclude_patient, exclude_sop_uid)
+
+    def require_model(self, fingerprint: str) -> None:
+        self.snapshot().index.require_model(fingerprint)
+
+
+class ServerBusy(ServiceUnavailable):
+    """Every decode slot stayed taken for ``decode_queue_timeout`` seconds: 503 with Retry-After."""
+
+    def __init__(self, retry_after: int, slots: int):
+        super().__init__(f"the server is decoding {slots} image(s) already; retry in {retry_after} s",
+                         retry_after=retry_after)
+        self.seconds = retry_after
 
 
 class Service:
     """One per app. Opens the index read-only and (with ``warm_up``) loads the model before the first request."""
 
     def __init__(self, settings: Settings):
+        from medsim.server.settings import SettingsError
+
+        if settings.max_concurrent_decodes < 1 or settings.max_decode_pixels < 1 or settings.max_inflated_bytes < 1:
+            raise SettingsError("max_concurrent_decodes, max_decode_pixels and max_inflated_bytes must be positive")
+        if settings.decode_queue_timeout < 0 or settings.index_check_interval < 0:
+            raise SettingsError("decode_queue_timeout and index_check_interval must not be negative")
         self.settings = settings
         self.started_at = time.time()
-        self.index_lock = threading.RLock()
         self.embed_lock = threading.Lock()
-        self.searcher = Searcher(ServedIndex.open(settings.index), model=settings.model)
-        self.index = self.searcher.index
-        self.policy = ChestPolicy()
+        self.searcher = Searcher(ServedIndex.open(settings.index, check_interval=settings.index_check_interval),
+                                 model=settings.model)
+        self.index: ServedIndex = self.searcher.index
+        self.policy = ChestPolicy(max_pixels=settings.max_decode_pixels)
+        self.decode_slots = threading.BoundedSemaphore(settings.max_concurrent_decodes)
         self.pacs = None
         if settings.pacs_url:
             auth = (settings.pacs_username, settings.pacs_password or "") if settings.pacs_username else None
@@ -128,56 +390,54 @@ class Service:
         self._pseudonyms = LRU(65536)
         self.thumbnails = Thumbnails(self)
         self._pacs_health: tuple[float, bool, str] | None = None
-        self._stats: dict | None = None
         self._embedder = None
         if settings.warm_up:
-            self.warm_up()
+            try:
+                self.warm_up()
+            except BaseException:
+                self.close()  # the index watcher thread and connections do not outlive a failed start
+                raise
 
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Load the vector graph, the model (checking its fingerprint against the index) and run one embedding."""
-        with self.index_lock:
-            self.index._graph()
-            self.stats()
+        """Load the index snapshot (vector graph, statistics), the model (checking its fingerprint against the index)
+        and run one embedding."""
+        self.index.snapshot()
         size = self.bundle.preprocess.image_size
         self.embed(Radiograph(pixels=np.zeros((size, size), np.float32), sop_uid="0", series_uid="0", study_uid="0",
                               patient_id=None))
 
     def close(self) -> None:
-        with self.index_lock:
-            self.searcher.close()
+        self.searcher.close()
 
     # ---- index ---------------------------------------------------------------------------------------------------
 
+    def pinned(self):
+        """``with service.pinned() as snapshot:`` every index read of this request uses one snapshot."""
+        return self.index.pinned()
+
     def stats(self) -> dict:
-        with self.index_lock:
-            if self._stats is None:  # a snapshot, like the vector graph
-                stats = self.index.stats()
-                rows = self.index._db.execute("SELECT view, COUNT(*) FROM cases GROUP BY view").fetchall()
-                stats["views"] = {view or "unknown": n for view, n in rows}
-                self._stats = stats
-            return self._stats
+        """The served snapshot's statistics (read when it was loaded)."""
+        return self.index.stats()
 
     def case(self, sop_uid: str) -> Case | None:
-        with self.index_lock:
-            return self.index.get(sop_uid)
+        return self.index.get(sop_uid)
 
-    def stored_vector(self, sop_uid: str) -> np.ndarray | None:
-        with self.index_lock:
-            return self.index.vector(sop_uid)
+    def indexed_query(self, case: Case) -> tuple[np.ndarray, QueryInfo]:
+        return self.searcher.indexed_query(case)
 
-    def search(self, vector: np.ndarray, info: QueryInfo, k: int, include_same_patient: bool,
-               threshold: float | None = None) -> list[Hit]:
-        """The top k (fewer when ``threshold`` cuts them; None: no threshold, not even a calibrated one)."""
-        with self.index_lock:
-            return self.searcher.query_vector(
-                vector, info, k=k, include_same_patient=include_same_patient,
-                threshold=NO_THRESHOLD if threshold is None else threshold).hits
+    def radiograph_query(self, radiograph: Radiograph) -> tuple[np.ndarray, QueryInfo]:
+        """The stored vector when the image is indexed, else its embedding (under the embedding lock only)."""
+        return self.searcher.radiograph_query(radiograph, embed=self.embed)
+
+    def search(self, vector: np.ndarray, info: QueryInfo, op: OperatingPoint, include_same_patient: bool) -> list[Hit]:
+        """The top ``op.k`` (fewer when its threshold cuts them, or the snapshot holds fewer)."""
+        return self.searcher.search(vector, info, op, include_same_patient).hits
 
     @property
     def size(self) -> int:
-        return int(self.stats()["cases"])
+        return len(self.index)
 
     # ---- queries -------------------------------------------------------------------------------------------------
 
@@ -196,20 +456,50 @@ class Service:
         with self.embed_lock:
             return self._embedder.embed_prepared([prepared])[0]
 
-    def radiograph_from_bytes(self, data: bytes, policy: ChestPolicy | None = None) -> Radiograph:
-        """Read DICOM Part 10 bytes (a temporary file, so the SimpleITK fallback can read it too)."""
-        fd, name = tempfile.mkstemp(prefix="medsim-query-", suffix=".dcm")
+    def radiograph_from_bytes(self, data: bytes, policy: ChestPolicy | None = None,
+                              wait: float | None = None) -> Radiograph:
+        """Read DICOM Part 10 bytes (a temporary file, so the SimpleITK fallback can read it too).
+
+        Memory is bounded before anything is decoded: the header must declare at most ``max_decode_pixels`` pixels
+        and hold the pixel data it declares (:func:`check_before_decoding`), a deflated file must inflate to at most
+        ``max_inflated_bytes``, and at most ``max_concurrent_decodes`` images are read at once (others wait up to
+        ``wait`` s, by default ``decode_queue_timeout``, then :class:`ServerBusy`). Every failure to read the image
+        is a SkipFile or ReadFailure (4xx), never an unexpected exception."""
+        settings = self.settings
+        wait = settings.decode_queue_timeout if wait is None else wait
+        if not self.decode_slots.acquire(timeout=wait):
+            raise ServerBusy(max(1, int(round(settings.decode_queue_timeout))), settings.max_concurrent_decodes)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-            return read_dicom(name, policy or self.policy)
+            fd, name = tempfile.mkstemp(prefix="medsim-query-", suffix=".dcm")
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                check_before_decoding(data, name, max_pixels=settings.max_decode_pixels,
+                                      max_inflated_bytes=settings.max_inflated_bytes)
+                radiograph = read_dicom(name, policy or self.policy)
+            except MedsimError:
+                raise
+            except MemoryError:
+                raise ReadFailure("too-large", "the image did not fit in the memory available for decoding") from None
+            except Exception as exc:  # noqa: BLE001 - a reader failing in an unforeseen way: still the upload's fault
+                log.info("unreadable image: %s: %s", type(exc).__name__, exc)
+                raise ReadFailure("decode-error", f"unreadable image ({type(exc).__name__}: {exc})") from None
+            finally:
+                os.unlink(name)
         finally:
-            os.unlink(name)
+            self.decode_slots.release()
+        pixels = np.asarray(radiograph.pixels)
+        if pixels.ndim != 2 or min(pixels.shape) < 1 or not np.isfinite(pixels).all():
+            raise ReadFailure("decode-error", f"the decoded image is not a finite 2-D image (shape {pixels.shape})")
+        return radiograph
 
     def fetch_radiograph(self, study_uid: str, series_uid: str, sop_uid: str,
                          policy: ChestPolicy | None = None) -> Radiograph:
+        """An instance from the PACS, decoded like an upload; it waits for a decode slot as long as a PACS transfer
+        may take (the viewer asks for a page of thumbnails at once), not just ``decode_queue_timeout``."""
         data = self.pacs.retrieve_instance(study_uid, series_uid, sop_uid)
-        return self.radiograph_from_bytes(data, policy)
+        wait = max(self.settings.decode_queue_timeout, 3 * self.settings.pacs_timeout)
+        return self.radiograph_from_bytes(data, policy, wait=wait)
 
     def pacs_health(self, max_age: float = 5.0) -> tuple[bool, str]:
         if self.pacs is None:
@@ -250,7 +540,12 @@ class Service:
 
 
 class Thumbnails:
-    """PNG thumbnails of indexed cases, made once and cached in memory and on disk (``cache_dir/thumbnails``)."""
+    """PNG thumbnails of indexed cases, made once and cached in memory and on disk (``cache_dir/thumbnails``).
+
+    The image is checked before it is drawn: it must carry the case's SOP Instance UID (DICOM) and hash to the pixel
+    hash the catalog holds (``Case.pixel_hash``, when the index has one). A file replaced at the case's source path
+    (another patient's image, an edited one) or a PACS answering with another instance is refused (409
+    ``source-mismatch``) and nothing is cached. Cached thumbnails are keyed by the SOP UID *and* the pixel hash."""
 
     def __init__(self, service: Service):
         self.service = service
@@ -258,47 +553,69 @@ class Thumbnails:
         self.folder = service.cache_dir / "thumbnails" / f"{service.index.model_fingerprint}-{self.size}"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.memory = LRU(512)
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[tuple, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
-    def _path(self, sop_uid: str) -> Path:
-        return self.folder / f"{hashlib.sha1(sop_uid.encode()).hexdigest()}.png"
+    def _path(self, case: Case) -> Path:
+        return self.folder / f"{hashlib.sha1(f'{case.sop_uid}|{case.pixel_hash}'.encode()).hexdigest()}.png"
 
     def get(self, case: Case) -> bytes:
-        data = self.memory.get(case.sop_uid)
+        key = (case.sop_uid, case.pixel_hash)
+        data = self.memory.get(key)
         if data is not None:
             return data
         with self._locks_guard:
-            lock = self._locks.setdefault(case.sop_uid, threading.Lock())
-        with lock:  # one maker per case; the others wait and read its result
-            path = self._path(case.sop_uid)
-            if path.exists():
-                data = path.read_bytes()
-            else:
-                data = render_png(self._radiograph(case).pixels, self.size)
-                tmp = path.with_suffix(f".tmp-{threading.get_ident()}")
-                tmp.write_bytes(data)
-                os.replace(tmp, path)
-            self.memory.put(case.sop_uid, data)
-        with self._locks_guard:
-            self._locks.pop(case.sop_uid, None)
+            lock = self._locks.setdefault(key, threading.Lock())
+        try:
+            with lock:  # one maker per case; the others wait and read its result
+                path = self._path(case)
+                if path.exists():
+                    data = path.read_bytes()
+                else:
+                    data = render_png(self._radiograph(case).pixels, self.size)
+                    tmp = path.with_suffix(f".tmp-{threading.get_ident()}")
+                    tmp.write_bytes(data)
+                    os.replace(tmp, path)
+                self.memory.put(key, data)
+        finally:
+            with self._locks_guard:
+                self._locks.pop(key, None)
         return data
 
     def _radiograph(self, case: Case) -> Radiograph:
-        from medsim.errors import MedsimError
         from medsim.ingest import read_any
+        from medsim.server.errors import ApiError
 
         policy = ChestPolicy(any_body_part=True, any_modality=True)
         source = case.source_path
         if source and not is_dicomweb_url(source) and Path(source).is_file():
-            return read_any(source, policy=policy)
-        if self.service.pacs is None:
-            raise MedsimError(f"the image of {case.sop_uid} is not at {source or 'its source'} and no PACS is "
-                              "configured")
-        return self.service.fetch_radiograph(case.study_uid, case.series_uid, case.sop_uid, policy)
+            radiograph, origin = read_any(source, policy=policy), "the indexed file"
+        elif self.service.pacs is None:
+            raise ApiError(404, "image-unavailable", f"the image of {case.sop_uid} is no longer where it was indexed "
+                           "and no PACS is configured to fetch it from")
+        else:
+            radiograph = self.service.fetch_radiograph(case.study_uid, case.series_uid, case.sop_uid, policy)
+            origin = "the PACS's instance"
+        self.check(case, radiograph, origin)
+        return radiograph
+
+    @staticmethod
+    def check(case: Case, radiograph: Radiograph, origin: str) -> None:
+        """Raise a 409 when ``radiograph`` is not the indexed image of ``case``: another SOP Instance UID (DICOM; a
+        PNG/JPEG's UIDs derive from its path, so only its pixels can tell), or pixels whose hash is not the
+        catalog's."""
+        from medsim.server.errors import ApiError
+
+        if radiograph.reader != "pillow" and radiograph.sop_uid != case.sop_uid:
+            raise ApiError(409, "source-mismatch", f"{origin} of {case.sop_uid} now holds another instance (SOP "
+                           "Instance UID differs); rebuild the index or restore the file")
+        if case.pixel_hash and radiograph.pixel_hash and radiograph.pixel_hash != case.pixel_hash:
+            raise ApiError(409, "source-mismatch", f"{origin} of {case.sop_uid} now holds other pixels than were "
+                           "indexed (pixel hash differs); rebuild the index or restore the file")
 
 
 def render_png(pixels: np.ndarray, size: int) -> bytes:
+    """A grey PNG of display ``pixels`` (0..1) whose longest side is at most ``size``."""
     from PIL import Image
 
     image = Image.fromarray(np.clip(np.asarray(pixels) * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
@@ -309,10 +626,8 @@ def render_png(pixels: np.ndarray, size: int) -> bytes:
 
 
 def default_cache_dir(index_path) -> Path:
-    home = os.environ.get("MEDSIM_HOME", "").strip()
-    base = Path(home).expanduser() if home else Path.home() / ".cache" / "medsim"
     key = hashlib.sha1(str(Path(index_path).resolve()).encode()).hexdigest()[:12]
-    return base / "server" / f"{Path(index_path).name}-{key}"
+    return medsim_home() / "server" / f"{Path(index_path).name}-{key}"
 
 
 def _load_or_create_secret(folder: Path) -> bytes:
@@ -327,3 +642,141 @@ def _load_or_create_secret(folder: Path) -> bytes:
         fh.write(secret.hex())
     os.replace(path.with_suffix(".tmp"), path)
     return secret
+
+
+# ---- bounds checked before decoding an image (uploads and PACS instances) ---------------------------------------
+
+DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_DISPLAY_NUMBERS = ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept")
+
+
+def file_meta(data: bytes) -> tuple[str | None, int]:
+    """(Transfer Syntax UID, offset of the data set) of a DICOM Part 10 file, from its group 0002 (always explicit VR
+    little endian, never deflated). Raises ReadFailure(corrupt) when the group is malformed."""
+    at, syntax = 132, None
+    while at + 8 <= len(data):
+        group, element = struct.unpack_from("<HH", data, at)
+        if group != 0x0002:
+            break
+        if data[at + 4:at + 6] in _LONG_VRS:
+            if at + 12 > len(data):
+                break
+            length, start = struct.unpack_from("<I", data, at + 8)[0], at + 12
+        else:
+            length, start = struct.unpack_from("<H", data, at + 6)[0], at + 8
+        if length == 0xFFFFFFFF or start + length > len(data):
+            raise ReadFailure("corrupt", f"file meta element (0002,{element:04X}) runs past the end of the file")
+        if element == 0x0010:
+            syntax = data[start:start + length].decode("ascii", "replace").strip("\0 ")
+        at = start + length
+    return syntax, at
+
+
+def check_inflated_size(data: bytes, offset: int, limit: int) -> int:
+    """Inflate the deflated data set from ``offset`` in 1 MiB steps, keeping nothing; its size, at most ``limit``.
+    Raises ReadFailure: too-large past ``limit`` (before the bytes are held anywhere), corrupt for a broken or
+    truncated stream."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    step, total, at = 1 << 20, 0, offset
+    pending = b""
+    try:
+        while not inflater.eof:
+            if not pending:
+                if at >= len(data):
+                    break
+                pending, at = data[at:at + step], at + step
+            total += len(inflater.decompress(pending, step))
+            pending = inflater.unconsumed_tail
+            if total > limit:
+                raise ReadFailure("too-large", f"the deflated data set inflates to more than {limit} bytes "
+                                  f"({len(data)} bytes sent)")
+    except zlib.error as exc:
+        raise ReadFailure("corrupt", f"the deflated data set is not a valid deflate stream ({exc})") from None
+    if not inflater.eof:
+        raise ReadFailure("corrupt", f"the deflated data set is truncated (the stream ends after {total} bytes)")
+    return total
+
+
+def _header_value(ds, keyword: str):
+    """The element's value, or None; a value pydicom cannot convert (text in a number's VR) is corrupt."""
+    try:
+        return ds.get(keyword, None)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ReadFailure("corrupt", f"{keyword} cannot be read ({exc})") from None
+
+
+def _header_int(ds, keyword: str, default: int | None) -> int | None:
+    value = _header_value(ds, keyword)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ReadFailure("corrupt", f"{keyword} is not a whole number: {str(value)[:40]!r}") from None
+
+
+def check_before_decoding(data: bytes, path: str | Path, max_pixels: int, max_inflated_bytes: int) -> None:
+    """Refuse, from the header alone, a DICOM file whose decoding would cost more memory than it is worth or fail in
+    the decoders: an unknown transfer syntax (SkipFile unsupported), a deflated data set that inflates past
+    ``max_inflated_bytes`` (too-large) or is truncated (corrupt), more than ``max_pixels`` pixels (too-large),
+    numbers that are text (corrupt), and uncompressed pixel data shorter than the header declares (corrupt; the
+    SimpleITK fallback would pad it with zeros to the declared size). Files without the DICM preamble are left to
+    the reader (which says what they are)."""
+    import pydicom
+    from pydicom.multival import MultiValue
+    from pydicom.uid import UID
+
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return
+    syntax, offset = file_meta(data)
+    if syntax:
+        uid = UID(syntax)
+        if not uid.is_valid or not uid.is_transfer_syntax:
+            raise SkipFile("unsupported", f"unknown transfer syntax {syntax[:64]!r}")
+        if uid == DEFLATED_TRANSFER_SYNTAX:
+            check_inflated_size(data, offset, max_inflated_bytes)
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)  # element values over 1 KB (the pixel data) stay on disk
+    except Exception as exc:  # noqa: BLE001 - the reader words it again with its reason; here: not parseable
+        raise ReadFailure("corrupt", f"the DICOM header cannot be parsed ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds:
+        return  # not an image: the reader says so
+    rows, columns = _header_int(ds, "Rows", None), _header_int(ds, "Columns", None)
+    if rows is None or columns is None or rows < 1 or columns < 1:
+        raise ReadFailure("corrupt", f"the image has no size (Rows {rows}, Columns {columns})")
+    frames = max(_header_int(ds, "NumberOfFrames", 1) or 1, 1)
+    samples = _header_int(ds, "SamplesPerPixel", 1) or 1
+    bits = _header_int(ds, "BitsAllocated", 8) or 8
+    for keyword in _DISPLAY_NUMBERS:
+        element = _header_value(ds, keyword)
+        if element is None or element == "":
+            continue
+        values = element if isinstance(element, (list, tuple, MultiValue)) else [element]
+        try:
+            if not values or not all(np.isfinite(float(value)) for value in values):
+                raise ValueError("not finite")
+        except (TypeError, ValueError, OverflowError):
+            raise ReadFailure("corrupt", f"{keyword} is not a number: {str(element)[:40]!r}") from None
+    if rows * columns * frames > max_pixels:
+        raise ReadFailure("too-large", f"{rows} x {columns} pixels{f' x {frames} frames' if frames > 1 else ''} "
+                          f"exceed the server's limit of {max_pixels} pixels")
+    syntax_uid = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
+    if syntax_uid is not None and UID(str(syntax_uid)).is_encapsulated:
+        return  # compressed: its decoded size is rows x columns x samples, bounded above
+    raw = ds.get_item("PixelData")
+    present = getattr(raw, "length", None)
+    if present is None or present == 0xFFFFFFFF:
+        value = getattr(raw, "value", None)
+        present = len(value) if isinstance(value, (bytes, bytearray)) else None
+    if present is None:
+        return
+    if bits == 1:
+        declared = (rows * columns * samples * frames + 7) // 8
+    else:
+        declared = rows * columns * samples * frames * ((bits + 7) // 8)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
+        declared = declared // 3 * 2  # two bytes per pixel pair of luminance and one chroma each
+    if present < declared:
+        raise ReadFailure("corrupt", f"the pixel data holds {present} bytes but the header declares {rows} x "
+                          f"{columns} x {samples} sample(s) x {bits} bits x {frames} frame(s) = {declared} bytes")
