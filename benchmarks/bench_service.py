@@ -28,7 +28,7 @@ from benchmarks.common import load_average, machine, say, write_result
 
 def run(quick: bool = False, clients=(1, 4, 16)) -> dict:
     from benchmarks import service_load as load
-    from medsim.pacs import free_port
+    from medsim.orthanc import free_port
 
     duration = 2.0 if quick else 6.0
     slow_duration = 6.0 if quick else 20.0
