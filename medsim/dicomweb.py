@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from medsim.dicom import CAPTURE_MODALITIES, RADIOGRAPH_MODALITIES, ChestPolicy, is_dicom_file
 from medsim.errors import MedsimError, SkipFile, short
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")
 WADO_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 DICOM_JSON = "application/dicom+json"
 DEFAULT_MAX_INSTANCE_BYTES = 512 * 1024 * 1024
@@ -66,7 +66,7 @@ class InstanceTooLarge(PacsError):
 
 def is_uid(value) -> bool:
     """A syntactically valid DICOM UID (digits and dots, at most 64 characters)."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.match(value) is not None
+    return isinstance(value, str) and 0 < len(value) <= 64 and UID_RE.fullmatch(value) is not None
 
 
 def is_dicomweb_url(source) -> bool:

@@ -21,7 +21,7 @@ from orthanc_fixtures import closed_port_url, pacs, silent_server  # noqa: F401
 def test_uid_syntax():
     assert is_uid("1.2.840.10008.1.2.1")
     assert is_uid("2.25.13392735511332086352228944845957613925")
-    for bad in ("", "abc", "1..2", "1.2.", "../1", "1.2/3", "1" * 65, None, 12):
+    for bad in ("", "abc", "1..2", "1.2.", "../1", "1.2/3", "1.2.3\n", "1" * 65, None, 12):
         assert not is_uid(bad)
 
 

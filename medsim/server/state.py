@@ -23,14 +23,12 @@ import io
 import logging
 import os
 import secrets
-import struct
 import tempfile
 import threading
 import time
 import weakref
-import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,7 @@ from werkzeug.exceptions import ServiceUnavailable
 
 from medsim.dicom import ChestPolicy, Radiograph, read_dicom
 from medsim.dicomweb import DicomWebClient, is_dicomweb_url
-from medsim.errors import MedsimError, ReadFailure, SkipFile
+from medsim.errors import MedsimError, ReadFailure
 from medsim.files import medsim_home
 from medsim.index import Case, CaseIndex, Hit
 from medsim.operating_point import OperatingPoint
@@ -373,7 +371,7 @@ class Service:
         self.searcher = Searcher(ServedIndex.open(settings.index, check_interval=settings.index_check_interval),
                                  model=settings.model)
         self.index: ServedIndex = self.searcher.index
-        self.policy = ChestPolicy(max_pixels=settings.max_decode_pixels)
+        self.policy = ChestPolicy()
         self.decode_slots = threading.BoundedSemaphore(settings.max_concurrent_decodes)
         self.pacs = None
         if settings.pacs_url:
@@ -460,9 +458,9 @@ class Service:
                               wait: float | None = None) -> Radiograph:
         """Read DICOM Part 10 bytes (a temporary file, so the SimpleITK fallback can read it too).
 
-        Memory is bounded before anything is decoded: the header must declare at most ``max_decode_pixels`` pixels
-        and hold the pixel data it declares (:func:`check_before_decoding`), a deflated file must inflate to at most
-        ``max_inflated_bytes``, and at most ``max_concurrent_decodes`` images are read at once (others wait up to
+        Memory is bounded before anything is decoded: the reader checks the header under the server's limits (at most
+        ``max_decode_pixels`` pixels, the pixel data it declares, a deflated file inflating to at most
+        ``max_inflated_bytes``), and at most ``max_concurrent_decodes`` images are read at once (others wait up to
         ``wait`` s, by default ``decode_queue_timeout``, then :class:`ServerBusy`). Every failure to read the image
         is a SkipFile or ReadFailure (4xx), never an unexpected exception."""
         settings = self.settings
@@ -474,9 +472,7 @@ class Service:
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
-                check_before_decoding(data, name, max_pixels=settings.max_decode_pixels,
-                                      max_inflated_bytes=settings.max_inflated_bytes)
-                radiograph = read_dicom(name, policy or self.policy)
+                radiograph = read_dicom(name, self._limited(policy))
             except MedsimError:
                 raise
             except MemoryError:
@@ -488,10 +484,13 @@ class Service:
                 os.unlink(name)
         finally:
             self.decode_slots.release()
-        pixels = np.asarray(radiograph.pixels)
-        if pixels.ndim != 2 or min(pixels.shape) < 1 or not np.isfinite(pixels).all():
-            raise ReadFailure("decode-error", f"the decoded image is not a finite 2-D image (shape {pixels.shape})")
         return radiograph
+
+    def _limited(self, policy: ChestPolicy | None) -> ChestPolicy:
+        """``policy`` (default: chest radiographs) under the server's decoding limits, which the reader checks from
+        the header before decoding (pixels, inflated size, pixel-data length)."""
+        return replace(policy or self.policy, max_pixels=self.settings.max_decode_pixels,
+                       max_inflated_bytes=self.settings.max_inflated_bytes)
 
     def fetch_radiograph(self, study_uid: str, series_uid: str, sop_uid: str,
                          policy: ChestPolicy | None = None) -> Radiograph:
@@ -642,141 +641,3 @@ def _load_or_create_secret(folder: Path) -> bytes:
         fh.write(secret.hex())
     os.replace(path.with_suffix(".tmp"), path)
     return secret
-
-
-# ---- bounds checked before decoding an image (uploads and PACS instances) ---------------------------------------
-
-DEFLATED_TRANSFER_SYNTAX = "1.2.840.10008.1.2.1.99"
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_DISPLAY_NUMBERS = ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept")
-
-
-def file_meta(data: bytes) -> tuple[str | None, int]:
-    """(Transfer Syntax UID, offset of the data set) of a DICOM Part 10 file, from its group 0002 (always explicit VR
-    little endian, never deflated). Raises ReadFailure(corrupt) when the group is malformed."""
-    at, syntax = 132, None
-    while at + 8 <= len(data):
-        group, element = struct.unpack_from("<HH", data, at)
-        if group != 0x0002:
-            break
-        if data[at + 4:at + 6] in _LONG_VRS:
-            if at + 12 > len(data):
-                break
-            length, start = struct.unpack_from("<I", data, at + 8)[0], at + 12
-        else:
-            length, start = struct.unpack_from("<H", data, at + 6)[0], at + 8
-        if length == 0xFFFFFFFF or start + length > len(data):
-            raise ReadFailure("corrupt", f"file meta element (0002,{element:04X}) runs past the end of the file")
-        if element == 0x0010:
-            syntax = data[start:start + length].decode("ascii", "replace").strip("\0 ")
-        at = start + length
-    return syntax, at
-
-
-def check_inflated_size(data: bytes, offset: int, limit: int) -> int:
-    """Inflate the deflated data set from ``offset`` in 1 MiB steps, keeping nothing; its size, at most ``limit``.
-    Raises ReadFailure: too-large past ``limit`` (before the bytes are held anywhere), corrupt for a broken or
-    truncated stream."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    step, total, at = 1 << 20, 0, offset
-    pending = b""
-    try:
-        while not inflater.eof:
-            if not pending:
-                if at >= len(data):
-                    break
-                pending, at = data[at:at + step], at + step
-            total += len(inflater.decompress(pending, step))
-            pending = inflater.unconsumed_tail
-            if total > limit:
-                raise ReadFailure("too-large", f"the deflated data set inflates to more than {limit} bytes "
-                                  f"({len(data)} bytes sent)")
-    except zlib.error as exc:
-        raise ReadFailure("corrupt", f"the deflated data set is not a valid deflate stream ({exc})") from None
-    if not inflater.eof:
-        raise ReadFailure("corrupt", f"the deflated data set is truncated (the stream ends after {total} bytes)")
-    return total
-
-
-def _header_value(ds, keyword: str):
-    """The element's value, or None; a value pydicom cannot convert (text in a number's VR) is corrupt."""
-    try:
-        return ds.get(keyword, None)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ReadFailure("corrupt", f"{keyword} cannot be read ({exc})") from None
-
-
-def _header_int(ds, keyword: str, default: int | None) -> int | None:
-    value = _header_value(ds, keyword)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ReadFailure("corrupt", f"{keyword} is not a whole number: {str(value)[:40]!r}") from None
-
-
-def check_before_decoding(data: bytes, path: str | Path, max_pixels: int, max_inflated_bytes: int) -> None:
-    """Refuse, from the header alone, a DICOM file whose decoding would cost more memory than it is worth or fail in
-    the decoders: an unknown transfer syntax (SkipFile unsupported), a deflated data set that inflates past
-    ``max_inflated_bytes`` (too-large) or is truncated (corrupt), more than ``max_pixels`` pixels (too-large),
-    numbers that are text (corrupt), and uncompressed pixel data shorter than the header declares (corrupt; the
-    SimpleITK fallback would pad it with zeros to the declared size). Files without the DICM preamble are left to
-    the reader (which says what they are)."""
-    import pydicom
-    from pydicom.multival import MultiValue
-    from pydicom.uid import UID
-
-    if len(data) < 132 or data[128:132] != b"DICM":
-        return
-    syntax, offset = file_meta(data)
-    if syntax:
-        uid = UID(syntax)
-        if not uid.is_valid or not uid.is_transfer_syntax:
-            raise SkipFile("unsupported", f"unknown transfer syntax {syntax[:64]!r}")
-        if uid == DEFLATED_TRANSFER_SYNTAX:
-            check_inflated_size(data, offset, max_inflated_bytes)
-    try:
-        ds = pydicom.dcmread(path, defer_size=1024)  # element values over 1 KB (the pixel data) stay on disk
-    except Exception as exc:  # noqa: BLE001 - the reader words it again with its reason; here: not parseable
-        raise ReadFailure("corrupt", f"the DICOM header cannot be parsed ({type(exc).__name__}: {exc})") from None
-    if "PixelData" not in ds:
-        return  # not an image: the reader says so
-    rows, columns = _header_int(ds, "Rows", None), _header_int(ds, "Columns", None)
-    if rows is None or columns is None or rows < 1 or columns < 1:
-        raise ReadFailure("corrupt", f"the image has no size (Rows {rows}, Columns {columns})")
-    frames = max(_header_int(ds, "NumberOfFrames", 1) or 1, 1)
-    samples = _header_int(ds, "SamplesPerPixel", 1) or 1
-    bits = _header_int(ds, "BitsAllocated", 8) or 8
-    for keyword in _DISPLAY_NUMBERS:
-        element = _header_value(ds, keyword)
-        if element is None or element == "":
-            continue
-        values = element if isinstance(element, (list, tuple, MultiValue)) else [element]
-        try:
-            if not values or not all(np.isfinite(float(value)) for value in values):
-                raise ValueError("not finite")
-        except (TypeError, ValueError, OverflowError):
-            raise ReadFailure("corrupt", f"{keyword} is not a number: {str(element)[:40]!r}") from None
-    if rows * columns * frames > max_pixels:
-        raise ReadFailure("too-large", f"{rows} x {columns} pixels{f' x {frames} frames' if frames > 1 else ''} "
-                          f"exceed the server's limit of {max_pixels} pixels")
-    syntax_uid = ds.file_meta.get("TransferSyntaxUID", None) if hasattr(ds, "file_meta") else None
-    if syntax_uid is not None and UID(str(syntax_uid)).is_encapsulated:
-        return  # compressed: its decoded size is rows x columns x samples, bounded above
-    raw = ds.get_item("PixelData")
-    present = getattr(raw, "length", None)
-    if present is None or present == 0xFFFFFFFF:
-        value = getattr(raw, "value", None)
-        present = len(value) if isinstance(value, (bytes, bytearray)) else None
-    if present is None:
-        return
-    if bits == 1:
-        declared = (rows * columns * samples * frames + 7) // 8
-    else:
-        declared = rows * columns * samples * frames * ((bits + 7) // 8)
-    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "YBR_FULL_422":
-        declared = declared // 3 * 2  # two bytes per pixel pair of luminance and one chroma each
-    if present < declared:
-        raise ReadFailure("corrupt", f"the pixel data holds {present} bytes but the header declares {rows} x "
-                          f"{columns} x {samples} sample(s) x {bits} bits x {frames} frame(s) = {declared} bytes")
