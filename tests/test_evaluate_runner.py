@@ -112,3 +112,51 @@ def test_method_names_expand_and_reject_unknown():
     assert [s.key for s in specs] == ["phash", "dhash", "orb"]
     with pytest.raises(MedsimError):
         expand_methods(["resnet"])
+
+
+def test_nih_per_finding_macro_and_random_baseline_in_the_first_table(tmp_path):
+    """NIH images (nih, nih2) with NIH findings, an RSNA image (never a query nor gallery of the NIH figure) and a
+    kermany image: the macro equals metrics.finding_ap on the NIH images alone, and the report's first table shows
+    it beside the random ranking."""
+    from PIL import Image
+
+    from medsim.evaluate.report import markdown_summary, write_report
+
+    rows = [("nih", "Mass"), ("nih", "Mass"), ("nih2", "Mass|Effusion"), ("nih2", "Effusion"), ("nih", "Effusion"),
+            ("nih", "No Finding"), ("rsna", "Mass"), ("kermany", "Effusion")]
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["path", "labels", "patient_id", "source"])
+        writer.writeheader()
+        for i, (source, labels) in enumerate(rows):
+            Image.fromarray(rng.integers(0, 255, size=(32, 32), dtype=np.uint8)).save(tmp_path / f"images/{i}.png")
+            writer.writerow({"path": f"images/{i}.png", "labels": labels, "patient_id": f"p{i}", "source": source})
+    es = load_eval_set(tmp_path / "images", tmp_path / "labels.csv")
+    ctx = runner.Context(es, _config(tmp_path, min_finding_queries=2))
+    scores = _scores(len(es), seed=3)
+    out = runner.score_method(scores, ctx)
+    nf = out["nih_findings"]
+    nih = [i for i, s in enumerate(es.sources) if s in ("nih", "nih2")]
+    lab = [es.labels[i] for i in nih]
+    valid = ~M.exclusion_mask(np.arange(len(nih)), np.arange(len(nih)), [es.patients[i] for i in nih],
+                              [es.patients[i] for i in nih])
+    fa = M.finding_ap(M.rank_topk(scores[np.ix_(nih, nih)], valid, 10), lab, lab, valid, M.NIH_FINDINGS, k=10,
+                      min_queries=2)
+    assert sorted(nf["findings"]) == ["Effusion", "Mass"] and fa.findings == ["Effusion", "Mass"]
+    assert nf["macro"] == pytest.approx(fa.macro(), abs=1e-6)
+    assert nf["random_macro"] == pytest.approx(fa.random_macro(), abs=1e-6)
+    assert nf["findings"]["Mass"]["queries"] == 3  # the RSNA Mass image is not a query
+    assert "share" in out["same_source_cross"]
+    results = {"created_at": "now", "command": "test", **ctx.summary(), "notes": [],
+               "methods": [{"key": "phash", "title": "pHash", "family": "hash", "available": True, **out}]}
+    results["data"]["items"] = [{"path": it.rel_path, "labels": list(it.labels), "patient_id": it.patient_id,
+                                 "source": it.source} for it in es.items]
+    md = markdown_summary(results)
+    assert "NIH per-finding mAP@10 (macro) | random ranking" in md
+    assert f"{fa.random_macro():.3f}" in md
+    (tmp_path / "out").mkdir()
+    write_report(results, tmp_path / "out", images_root=tmp_path)
+    html = (tmp_path / "out" / "index.html").read_text()
+    first_table = html.split("<table>")[1]
+    assert "NIH per-finding mAP@10 (macro)" in first_table and f"{fa.random_macro():.3f}" in first_table

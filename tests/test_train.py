@@ -190,6 +190,15 @@ def test_resume_continues_an_interrupted_run(tiny, tmp_path):
     run = json.loads((work / "run.json").read_text())
     assert bundle.extra["split"]["validation_patients"] == run["split"]["validation_patients"]
 
+    # a run recorded before a setting existed used the setting's legacy value (rarity 0: not today's default), so
+    # --resume refuses it; make model's --restart-if-changed starts a new run instead
+    del run["config"]["rarity"]
+    (work / "run.json").write_text(json.dumps(run))
+    with pytest.raises(TrainError, match="rarity="):
+        Trainer(config, resume=True, overwrite=True, progress=False)._open_run()
+    assert Trainer(config, resume=True, overwrite=True, restart_if_changed=True, progress=False)._open_run() is None
+    assert not (work / "run.json").exists()
+
 
 def test_a_bundle_refuses_labels_its_vocabulary_cannot_map(trained, tiny, tmp_path, capsys):
     rows = list(csv.DictReader(open(tiny / "labels.csv", newline="")))
@@ -255,3 +264,36 @@ def test_losses_follow_the_retrieval_relevance():
     # a same-patient pair is neither positive nor negative (retrieval never shows the query's own patient)
     valid, positive = _pair_masks(labels, torch.tensor([0, 0, 2, 3]))
     assert not valid[0, 1] and not positive[0, 1] and positive[2, 3] and valid[0, 2] and not positive[0, 2]
+
+
+def test_per_finding_weighting_and_cross_source_positives():
+    from medsim.train.loop import source_balanced_weights
+    from medsim.train.objectives import label_weights
+
+    # frequency ** -0.5, mean 1: a label 4 times rarer weighs twice as much
+    w = label_weights([0.4, 0.1, 0.0], 0.5)
+    assert float(w.mean()) == pytest.approx(1.0)
+    assert float(w[1] / w[0]) == pytest.approx(2.0)
+    assert float(w[2]) == pytest.approx(float(w[1]))  # never seen: as the rarest seen label
+    assert torch.allclose(label_weights([0.4, 0.1], 0.0), torch.ones(2))
+
+    # supcon: with uniform weights and no cross-source factor it is the plain loss
+    labels = torch.tensor([[1, 0], [1, 0], [1, 1], [0, 1]], dtype=torch.float32)
+    patients = torch.tensor([0, 1, 2, 3])
+    sources = torch.tensor([0, 0, 1, 1])
+    emb = torch.nn.functional.normalize(torch.tensor([[1, 0.2], [1, -0.3], [0.5, 1], [-0.1, 1]]), dim=1)
+    single = torch.tensor([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=torch.float32)
+    assert supcon_loss(emb, single, patients, label_weight=torch.ones(2)) == pytest.approx(
+        float(supcon_loss(emb, single, patients)))
+    # a larger weight on the cross-source positive (anchor 0 <-> image 2) pulls that pair together harder
+    near = torch.nn.functional.normalize(torch.tensor([[1, 0.2], [1, -0.3], [1, 0.25], [-0.1, 1]]), dim=1)
+    far = torch.nn.functional.normalize(torch.tensor([[1, 0.2], [1, 0.25], [-0.3, 1], [-0.1, 1]]), dim=1)
+    gain_plain = supcon_loss(far, labels, patients) - supcon_loss(near, labels, patients)
+    gain_cross = (supcon_loss(far, labels, patients, sources=sources, cross_source=4.0)
+                  - supcon_loss(near, labels, patients, sources=sources, cross_source=4.0))
+    assert gain_cross > gain_plain
+
+    # source-balanced sampling: strength 1 draws every family equally often
+    weights = source_balanced_weights([0, 0, 0, 1], 1.0)
+    assert weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    assert source_balanced_weights([0, 0, 1], 0.0).tolist() == [1.0, 1.0, 1.0]

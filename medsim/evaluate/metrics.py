@@ -419,3 +419,153 @@ def percentile_interval(samples, level: float = 0.95) -> tuple[float, float]:
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(samples, [alpha, 1.0 - alpha])
     return (float(lo), float(hi))
+
+
+# ---- per-finding retrieval (the product's promise: cases that share the query's findings) ---------------------------
+
+# The 14 findings of NIH ChestX-ray14 ("No Finding" is not a finding).
+NIH_FINDINGS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis",
+                "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax")
+# Full-resolution NIH ChestX-ray14 images whose patient ids are NIH patient numbers (so a query's own patient can
+# be excluded). Not "rsna" (NIH images whose patients cannot be linked to NIH ids) nor "nih64" (64 px copies).
+NIH_FINDING_SOURCES = ("nih", "nih2", "nihtest")
+# Sources that are the same archive (NIH ChestX-ray14) for the same-source share.
+SOURCE_FAMILIES = {"nih2": "nih", "nih64": "nih", "nihtest": "nih", "rsna": "nih"}
+
+
+def source_family(source: str) -> str:
+    return SOURCE_FAMILIES.get(source, source)
+
+
+def random_ap_at_k(n_relevant, n_valid, k: int) -> np.ndarray:
+    """Exact expected AP@k of a uniformly random ranking of ``n_valid`` gallery items of which ``n_relevant`` are
+    relevant (per query; NaN where n_relevant = 0).
+
+    E[AP@k] = 1/min(k, R) * sum_{i<=min(k, N)} E[rel_i * hits_i] / i, and E[rel_i * hits_i] = R/N + (i-1) R(R-1) /
+    (N(N-1)) (item i relevant, plus each of the i-1 items above it relevant together with it)."""
+    R = np.asarray(n_relevant, dtype=np.float64)
+    N = np.asarray(n_valid, dtype=np.float64)
+    total = np.zeros(np.broadcast(R, N).shape)
+    n_safe = np.maximum(N, 1.0)
+    pair = np.where(N > 1, R * (R - 1) / (n_safe * np.maximum(N - 1, 1.0)), 0.0)
+    for i in range(1, k + 1):
+        total = total + np.where(i <= N, (R / n_safe + (i - 1) * pair) / i, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(R > 0, total / np.maximum(np.minimum(k, R), 1.0), np.nan)
+
+
+@dataclass
+class FindingAP:
+    """Per-finding AP@k of a set of queries: ``ap`` and ``random`` are (F, Q) arrays, NaN where query q is not a
+    query of finding f (it lacks f, or no valid gallery item has f)."""
+
+    findings: list
+    ap: np.ndarray
+    random: np.ndarray
+    k: int
+
+    def queries(self) -> np.ndarray:
+        return np.isfinite(self.ap).sum(axis=1)
+
+    def macro(self, weights=None) -> np.ndarray | float:
+        """Mean over findings of the mean AP@k over the finding's queries; ``weights`` (B, Q) gives one value per
+        bootstrap resample (a finding absent from a resample is left out of that resample's mean)."""
+        return _finding_macro(self.ap, weights)
+
+    def random_macro(self, weights=None):
+        return _finding_macro(self.random, weights)
+
+
+def _finding_macro(values: np.ndarray, weights=None):
+    values = np.asarray(values, dtype=np.float64)
+    defined = np.isfinite(values)
+    v = np.where(defined, values, 0.0)
+    if weights is None:
+        per = np.where(defined.any(axis=1), v.sum(axis=1) / np.maximum(defined.sum(axis=1), 1), np.nan)
+        return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
+    w = np.asarray(weights, dtype=np.float64)
+    num = v @ w.T  # (F, B)
+    den = defined.astype(np.float64) @ w.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        return np.nanmean(per, axis=0)
+
+
+def finding_ap(topk: TopK, query_labels, gallery_labels, valid, findings, k: int = 10,
+               min_queries: int = 1) -> FindingAP:
+    """AP@k per finding on one ranking: for finding X, the queries that have X (and a valid gallery item with X),
+    relevant = the gallery item has X. Findings with fewer than ``min_queries`` such queries are left out."""
+    valid = np.asarray(valid, dtype=bool)
+    n_valid = valid.sum(axis=1)
+    kept, aps, rands = [], [], []
+    for finding in findings:
+        rel = relevance_matrix(query_labels, gallery_labels, f"finding:{finding}")
+        r = ranking_metrics(topk, rel, valid, ks=(k,))
+        ap = r[f"mAP@{k}"]
+        if np.isfinite(ap).sum() < min_queries:
+            continue
+        kept.append(finding)
+        aps.append(ap)
+        rands.append(random_ap_at_k(r["n_relevant"], n_valid, k))
+    q = topk.indices.shape[0]
+    return FindingAP(kept, np.asarray(aps).reshape(len(kept), q), np.asarray(rands).reshape(len(kept), q), k)
+
+
+def finding_summary(fa: FindingAP, weights=None, other: FindingAP | None = None) -> dict:
+    """Per-finding mAP@k and random baseline, their macro averages, the lift (model - random) with bootstrap
+    intervals when ``weights`` (B, Q) are given, and (``other``: a second model on the same queries) the paired
+    difference of the macros with its interval."""
+    k = fa.k
+    out = {"k": k, "findings": {}, "macro": fa.macro(), "random_macro": fa.random_macro()}
+    out["lift"] = out["macro"] - out["random_macro"]
+    for i, finding in enumerate(fa.findings):
+        ap, rnd = fa.ap[i], fa.random[i]
+        out["findings"][finding] = {"queries": int(np.isfinite(ap).sum()), f"mAP@{k}": mean_over_queries(ap),
+                                    "random": mean_over_queries(rnd)}
+    if weights is not None:
+        boot = fa.macro(weights)
+        boot_random = fa.random_macro(weights)
+        out["macro_ci95"] = list(percentile_interval(boot))
+        out["lift_ci95"] = list(percentile_interval(boot - boot_random))
+        if other is not None:
+            diff = boot - other.macro(weights)
+            out["vs_other"] = {"delta": out["macro"] - other.macro(), "ci95": list(percentile_interval(diff))}
+    return out
+
+
+def same_source_share(topk: TopK, relevant, valid, sources, k: int = 10, families: bool = True,
+                      query_sources=None) -> dict:
+    """Share of the top-k results that come from the query's own source, over the queries that have a relevant
+    valid gallery item in another source (so a method could have shown one). ``families``: NIH ChestX-ray14
+    sources (nih, nih2, nih64, nihtest, rsna) count as one source."""
+    src = np.asarray([source_family(s) if families else s for s in sources], dtype=object)
+    qsrc = src if query_sources is None else np.asarray(
+        [source_family(s) if families else s for s in query_sources], dtype=object)
+    relevant = np.asarray(relevant, dtype=bool)
+    other = relevant & np.asarray(valid, dtype=bool) & (src[None, :] != qsrc[:, None])
+    rows = other.any(axis=1)
+    idx = topk.indices[:, :k]
+    filled = topk.filled[:, :k]
+    same = (src[idx] == qsrc[:, None]) & filled
+    shown = filled[rows].sum()
+    return {"share": float(same[rows].sum() / shown) if shown else float("nan"), "queries": int(rows.sum()),
+            "share_all_queries": float(same.sum() / max(filled.sum(), 1))}
+
+
+def nih_finding_ap(scores, labels, patients, sources, k: int = 10, min_queries: int = 5,
+                   subset_sources=NIH_FINDING_SOURCES, n_resamples: int = 1000, seed: int = 0):
+    """Per-finding AP@k of the images of ``subset_sources`` among themselves (queries and gallery; own patient
+    excluded) over the NIH findings with at least ``min_queries`` queries: (:class:`FindingAP`, (B, Q)
+    patient-bootstrap weights of those queries), or None when there is no such finding."""
+    idx = np.flatnonzero(np.asarray([s in subset_sources for s in sources], dtype=bool))
+    if len(idx) < 2:
+        return None
+    lab = [labels[i] for i in idx]
+    pat = [patients[i] for i in idx]
+    ids = np.arange(len(idx))
+    valid = ~exclusion_mask(ids, ids, pat, pat)
+    topk = rank_topk(np.asarray(scores)[np.ix_(idx, idx)], valid, k, seed=seed)
+    fa = finding_ap(topk, lab, lab, valid, NIH_FINDINGS, k=k, min_queries=min_queries)
+    if not fa.findings:
+        return None
+    return fa, patient_bootstrap_weights(pat, n_resamples, seed)

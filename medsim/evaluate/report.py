@@ -282,14 +282,17 @@ def markdown_summary(results: dict) -> str:
         f"At the calibrated operating point (target list recall@{k} = {protocol['target_recall']}, thresholds "
         "cross-fitted across two patient folds):",
         "",
-        f"| method | accuracy | precision | recall | F1 | list recall@{k} | list precision | empty lists |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | accuracy | precision | recall | F1 | list recall@{k} | list precision | empty lists | "
+        "NIH per-finding mAP@10 (macro) | random ranking |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in available:
         op = m["operating_point"]
+        nf = m.get("nih_findings") or {}
+        finding = _md({"value": nf.get("macro"), "ci95": nf.get("macro_ci95")}) if nf else "–"
         lines.append(f"| {m['title']} | {_md(op['accuracy'])} | {_md(op['precision'])} | {_md(op['recall'])} | "
                      f"{_md(op['f1'])} | {_md(op['list_recall'])} | {_md(op['list_precision'])} | "
-                     f"{_md(op['empty_rate'])} |")
+                     f"{_md(op['empty_rate'])} | {finding} | {_md(nf.get('random_macro')) if nf else '–'} |")
     lines += ["", "At the break-even point (pairwise precision = recall; chosen on the evaluation data):", "",
               "| method | accuracy | precision | recall | F1 | threshold |", "|---|---|---|---|---|---|"]
     for m in available:

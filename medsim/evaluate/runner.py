@@ -44,6 +44,15 @@ DEFINITIONS = {
                  "are held fixed.",
     "per_finding": "Queries that have finding X; a gallery image is relevant when it has X. Base rate = share of "
                    "the valid gallery images that have X.",
+    "nih_findings": "NIH per-finding mAP@10: the full-resolution NIH ChestX-ray14 images (sources nih, nih2, "
+                    "nihtest; not rsna, whose patients cannot be linked to NIH ids, nor the 64 px nih64 copies) "
+                    "query each other, own patient excluded; for each of the 14 NIH findings with at least 5 such "
+                    "queries, mAP@10 of the queries that have it with relevant = the gallery image has it; macro = "
+                    "mean over those findings; random = the exact expected mAP@10 of a random ranking of the same "
+                    "galleries; lift = macro - random; 95 % patient-bootstrap intervals.",
+    "same_source_cross": "Share of the top-10 results from the query's own source family (NIH ChestX-ray14 sources "
+                         "nih, nih2, nih64, nihtest and rsna count as one), over the queries that have a relevant "
+                         "image in another source family.",
     "per_source": "Queries from one source, relevance as in the headline; 'same source in top 10' = share of the "
                   "top-10 results that come from the query's own source (a high share with a low P@10 means the "
                   "method matches acquisition rather than findings).",
@@ -291,6 +300,24 @@ def score_method(scores: np.ndarray, ctx: Context) -> dict:
                                      _boot_mean(rx[f"mAP@{HEADLINE_K}"], Wr)),
         }
     out["per_finding"] = per_finding
+
+    # The product's promise, per finding: NIH images among themselves (full-resolution NIH ChestX-ray14 with NIH
+    # patient ids; RSNA and the 64 px copies left out), per NIH finding with enough queries, and a random ranking.
+    nf = M.nih_finding_ap(scores, list(ctx.labels), list(ctx.patients), list(ctx.sources), k=HEADLINE_K,
+                          min_queries=cfg.min_finding_queries, n_resamples=max(cfg.bootstrap, 1), seed=cfg.seed)
+    if nf is not None:
+        fs = M.finding_summary(nf[0], nf[1] if cfg.bootstrap > 0 else None)
+        out["nih_findings"] = {
+            "macro": _f(fs["macro"]), "macro_ci95": [_f(v) for v in fs.get("macro_ci95", [np.nan, np.nan])],
+            "random_macro": _f(fs["random_macro"]), "lift": _f(fs["lift"]),
+            "lift_ci95": [_f(v) for v in fs.get("lift_ci95", [np.nan, np.nan])],
+            "findings": {name: {"queries": row["queries"], f"mAP@{HEADLINE_K}": _f(row[f"mAP@{HEADLINE_K}"]),
+                                "random": _f(row["random"])} for name, row in fs["findings"].items()},
+            "sources": list(M.NIH_FINDING_SOURCES), "min_queries": cfg.min_finding_queries,
+        }
+    cross = M.same_source_share(top, R, V, list(ctx.sources), k=HEADLINE_K,
+                                query_sources=list(ctx.sources[ctx.queries]))
+    out["same_source_cross"] = {"share": _f(cross["share"]), "queries": cross["queries"]}
 
     # Per source.
     per_source = {}

@@ -6,11 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from medsim.train.objectives import OBJECTIVES
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from medsim.train.config import TRAIN_LAYERS, TrainConfig
+    from medsim.train.config import OBJECTIVES, TRAIN_LAYERS, TrainConfig
 
     d = TrainConfig(images="", labels="", out="")
     parser.add_argument("--images", type=Path, required=True, help="folder of labeled images (DICOM/PNG/JPEG)")
@@ -24,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "settings; a finished run just re-writes its bundle; starts a new run when there is none)")
     parser.add_argument("--restart", action="store_true", help="discard a previous run in the work folder (wins over "
                         "--resume)")
+    parser.add_argument("--restart-if-changed", action="store_true",
+                        help="with --resume: a run started on other images, labels or settings is discarded and a "
+                        "new one starts (what `make model` does), instead of stopping with an error")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
     parser.add_argument("--init", help="start from this fine-tuned bundle instead of ImageNet VGG-16 (the labels "
                         "must map onto its vocabulary)")
@@ -59,9 +60,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of patients held out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, augmentation and training "
                         "(default: %(default)s)")
-    parser.add_argument("--select", default=d.select, choices=["all", "nih", "mean"],
-                        help="validation mAP@10 that picks the best epoch: whole split, NIH images, or their mean "
-                        "(default: %(default)s)")
+    parser.add_argument("--select", default=d.select, choices=["all", "nih", "mean", "finding"],
+                        help="validation mAP@10 that picks the best epoch: whole split, NIH images, their mean, or "
+                        "'finding': the mean of the whole split and the NIH per-finding macro (default: %(default)s)")
+    parser.add_argument("--rarity", type=float, default=d.rarity,
+                        help="weight labels by frequency ** -RARITY in bce and supcon (0.5: inverse square root; 0: "
+                        "all alike) (default: %(default)s)")
+    parser.add_argument("--cross-source", type=float, default=d.cross_source,
+                        help="supcon: weight of positives from another source family (default: %(default)s)")
+    parser.add_argument("--source-balance", type=float, default=d.source_balance,
+                        help="draw training images with weight (images of their source family) ** -S (1: every "
+                        "family equally often; 0: uniform) (default: %(default)s)")
+    parser.add_argument("--adversary", type=float, default=d.adversary,
+                        help="gradient-reversal strength of the source head of the 'adv' objective (default: "
+                        "%(default)s)")
     parser.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes (default: "
@@ -96,11 +108,13 @@ def command(args) -> int:
         patience=args.patience, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
         weight_decay=args.weight_decay, temperature=args.temperature, views=args.views,
         feature_augment=args.feature_augment, validation_fraction=args.validation_fraction, seed=args.seed,
-        select=args.select, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
+        select=args.select, rarity=args.rarity, cross_source=args.cross_source,
+        source_balance=args.source_balance, adversary=args.adversary, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
         workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch, int8_check=not args.no_int8_check,
     )
     try:
         trainer = Trainer(config, resume=args.resume, restart=args.restart, overwrite=args.overwrite,
+                          restart_if_changed=args.restart_if_changed,
                           progress=not args.no_progress)
     except ValueError as exc:
         raise TrainError(str(exc)) from None
@@ -122,5 +136,8 @@ def command(args) -> int:
         args.report.write_text(json.dumps(json_safe({
             "bundle": result.bundle_path, "fingerprint": result.fingerprint, "best_epoch": result.best_epoch,
             "epochs_run": result.epochs_run, "validation": result.validation, "baseline": result.baseline,
-            "wall_seconds": result.wall_seconds, "history": result.history, "run_dir": result.run_dir}), indent=2))
+            "wall_seconds": result.wall_seconds, "history": result.history, "run_dir": result.run_dir,
+            "timings": result.timings, "config": {k: getattr(config, k) for k in config.RESUME_KEYS + ("epochs",
+                                                                                                  "device")}}),
+            indent=2))
     return 0

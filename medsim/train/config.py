@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from medsim.errors import MedsimError
 
 FEATURES_END = 30  # vgg16().features[:30]: up to conv5_3 + ReLU, the embedding layer
 # --train-layers: the first trainable module of vgg16().features
 TRAIN_LAYERS = {"all": 0, "conv5_1": 24, "conv5_2": 26, "conv5_3": 28, "none": 30}
+# --objective: the loss terms (medsim.train.objectives implements them)
+OBJECTIVES = ("bce", "supcon", "ms", "adv")
 
 
 class TrainError(MedsimError):
@@ -38,7 +41,11 @@ class TrainConfig:
     feature_augment: float = 0.5  # probability of a random shift/scale of the activation grid
     validation_fraction: float = 0.2
     seed: int = 0
-    select: str = "all"  # which validation mAP@10 picks the best epoch: all | nih | mean
+    select: str = "all"  # which validation mAP@10 picks the best epoch: all | nih | mean | finding
+    rarity: float = 0.5  # label weights of bce and supcon: frequency ** -rarity (0: every label alike)
+    cross_source: float = 4.0  # supcon: weight of a positive from another source family (1: like any other)
+    source_balance: float = 0.0  # sampling weight of an image: (images of its source family) ** -source_balance
+    adversary: float = 1.0  # gradient-reversal strength of the source head ("adv" objective)
     init: str | None = None  # start from this bundle instead of ImageNet (its vocabulary must map)
     label_map: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -48,7 +55,10 @@ class TrainConfig:
     # what must match for --resume (the rest may change: out, epochs, device, ...)
     RESUME_KEYS = ("objective", "train_layers", "pooling", "embedding_dim", "batch_size", "lr", "head_lr",
                    "weight_decay", "temperature", "views", "feature_augment", "validation_fraction", "seed",
-                   "select", "init")
+                   "select", "init", "rarity", "cross_source", "source_balance", "adversary")
+
+    # what a run recorded before a setting existed was trained with (--resume compares against these)
+    LEGACY: ClassVar[dict] = {"rarity": 0.0, "cross_source": 1.0, "source_balance": 0.0, "adversary": 1.0}
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in self.RESUME_KEYS + ("epochs", "patience", "max_steps_per_epoch")}
@@ -65,3 +75,4 @@ class TrainResult:
     wall_seconds: float
     run_dir: str
     history: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from medsim.evaluate.metrics import source_family
 from medsim.files import medsim_home
 from medsim.preprocess import PreprocessSpec
 from medsim.train.data import SplitSet
@@ -29,7 +30,7 @@ from medsim.train.transforms import (
     RandRadiographAugmentd,
 )
 
-INPUT = "input"  # the key of the network's input in an item; the others: "index", "labels", "patient"
+INPUT = "input"  # the key of the network's input in an item; the others: "index", "labels", "patient", "source"
 
 
 def cache_root() -> Path:
@@ -37,14 +38,22 @@ def cache_root() -> Path:
     return medsim_home() / "train-cache"
 
 
+def source_families(data: SplitSet) -> list[str]:
+    """The source families of a training set, sorted (their position is an item's "source")."""
+    return sorted({source_family(r.source or "") for r in data.train_set.records})
+
+
 def _items(data: SplitSet) -> tuple[list[dict], list[dict]]:
-    """Training and validation items without their input: record index, multi-hot labels, patient number."""
+    """Training and validation items without their input: record index, multi-hot labels, patient number, source
+    family number."""
     records = data.train_set.records
     targets = data.train_set.targets(data.vocabulary)
     codes = {p: i for i, p in enumerate(sorted({r.patient_id for r in records}))}
+    families = {f: i for i, f in enumerate(source_families(data))}
 
     def items(indices):
-        return [{"index": int(i), "labels": targets[i], "patient": codes[records[i].patient_id]} for i in indices]
+        return [{"index": int(i), "labels": targets[i], "patient": codes[records[i].patient_id],
+                 "source": families[source_family(records[i].source or "")]} for i in indices]
 
     return items(data.train_idx), items(data.val_idx)
 
@@ -102,9 +111,10 @@ def build_datasets(data: SplitSet, *, spec: PreprocessSpec, base_features: torch
     if frozen is not None:
         say(f"running the frozen layers {POOL4_END}..{start - 1} of block 5 once over "
             f"{len(train_items) * (views + 1) + len(val_items)} activation maps")
-    train_ds = CacheDataset(train_items, Compose([LoadViewsd(INPUT, frozen), RandPickViewd(INPUT)]), cache_rate=1.0,
+    load = LoadViewsd(INPUT, frozen, device=device if device.type != "cpu" else None)  # frozen layers on the device
+    train_ds = CacheDataset(train_items, Compose([load, RandPickViewd(INPUT)]), cache_rate=1.0,
                             num_workers=1, progress=False, copy_cache=False)
-    val_ds = CacheDataset(val_items, Compose([LoadViewsd(INPUT, frozen), PickViewd(INPUT, 0)]), cache_rate=1.0,
+    val_ds = CacheDataset(val_items, Compose([load, PickViewd(INPUT, 0)]), cache_rate=1.0,
                           num_workers=1, progress=False, copy_cache=False)
     timings["dataset_cache_seconds"] = time.perf_counter() - t0
     return train_ds, val_ds

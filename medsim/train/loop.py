@@ -17,7 +17,8 @@ from ignite.metrics import Metric
 from medsim.train.config import FEATURES_END, TRAIN_LAYERS, TrainConfig
 from medsim.train.datasets import INPUT
 from medsim.train.features import POOL4_END
-from medsim.train.objectives import RetrievalLoss, RetrievalNet, cosine_schedule_lambda, parse_objective
+from medsim.train.objectives import (RetrievalLoss, RetrievalNet, cosine_schedule_lambda, label_weights,
+                                     parse_objective)
 from medsim.train.transforms import RandFeatureJitter
 from medsim.train.validation import K, fmt, headline
 from medsim.train.workdir import LAST_CHECKPOINT_PREFIX, RunFolder
@@ -68,13 +69,24 @@ def prepare_batch(batchdata, device=None, non_blocking=False, **kwargs):
     targets = {"labels": torch.as_tensor(batchdata["labels"]).float().to(device),
                "patient": torch.as_tensor(batchdata["patient"]).long().to(device),
                "index": torch.as_tensor(batchdata["index"]).long().to(device)}
+    if "source" in batchdata:
+        targets["source"] = torch.as_tensor(batchdata["source"]).long().to(device)
     return x, targets
+
+
+def source_balanced_weights(sources: Sequence[int], strength: float) -> torch.Tensor:
+    """Sampling weight of each training item: (items of its source family) ** -strength (0: uniform; 1: every
+    family drawn equally often)."""
+    s = np.asarray(sources, dtype=np.int64)
+    counts = np.bincount(s)
+    return torch.as_tensor(counts[s].astype(np.float64) ** (-float(strength)))
 
 
 def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: torch.device, folder: RunFolder,
         resume: bool, val_idx: Sequence[int], report: Callable[[np.ndarray], dict], score: Callable[[dict], float],
         elapsed: Callable[[], float], say: Callable[[str], None],
-        on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, label_frequency: Sequence[float] | None = None
+        ) -> list[dict]:
     """Train ``net`` for the epochs ``config`` asks (continuing the checkpoint in ``folder`` when ``resume``) and
     return the history, one row per epoch. ``report`` turns validation embeddings (``val_idx`` order) into a
     retrieval report, ``score`` a report into the number that picks the best epoch; ``elapsed()`` is the run's
@@ -100,18 +112,29 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
 
     g = torch.Generator()
     g.manual_seed(cfg.seed)
-    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) >
-                              cfg.batch_size, num_workers=cfg.workers, generator=g)
+    if cfg.source_balance:
+        sampler = torch.utils.data.WeightedRandomSampler(
+            source_balanced_weights([item["source"] for item in train_ds.data], cfg.source_balance),
+            num_samples=len(train_ds), replacement=True, generator=g)
+        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=len(train_ds) >
+                                  cfg.batch_size, num_workers=cfg.workers)
+    else:
+        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=len(train_ds) >
+                                  cfg.batch_size, num_workers=cfg.workers, generator=g)
     val_loader = DataLoader(val_ds, batch_size=128, shuffle=False, num_workers=0)
 
     tail_params = [p for p in net.tail.parameters() if p.requires_grad]
     head_params = list(net.projection.parameters()) + [net.class_weight, net.class_bias]
+    if net.source_head is not None:
+        head_params += list(net.source_head.parameters())
     groups = [{"params": head_params, "lr": cfg.head_lr}]
     if tail_params:
         groups.insert(0, {"params": tail_params, "lr": cfg.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule_lambda(cfg.epochs, 1))
-    loss = RetrievalLoss(parse_objective(cfg.objective), cfg.temperature).to(device)
+    lw = label_weights(label_frequency, cfg.rarity) if cfg.rarity and label_frequency is not None else None
+    loss = RetrievalLoss(parse_objective(cfg.objective), cfg.temperature, label_weight=lw,
+                         cross_source=cfg.cross_source).to(device)
 
     epoch_length = min(len(train_loader), int(cfg.max_steps_per_epoch)) if cfg.max_steps_per_epoch else None
     metric = RetrievalMAP(val_idx, report, score, output_transform=lambda o: (o["pred"]["embedding"],
@@ -181,6 +204,7 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
                "loss_parts": {k: v / steps for k, v in totals["parts"].items()},
                "select": evaluator.state.metrics[SELECT], f"val_mAP@{K}": h[f"mAP@{K}"],
                f"val_nih_mAP@{K}": h[f"nih_mAP@{K}"], "val_break_even_precision": h["break_even_precision"],
+               f"val_finding_mAP@{K}": h[f"finding_mAP@{K}"], "val_same_source_cross": h["same_source_cross"],
                "val_by_source": {s: r.get(f"mAP@{K}") for s, r in metric.last_report.get("by_source", {}).items()},
                "lr": totals["lr"], "seconds": time.perf_counter() - totals["t0"]}
         history.append(row)
@@ -188,7 +212,8 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
         folder.write_history(history)
         folder.update(last_epoch=engine.state.epoch, wall_seconds=elapsed())
         say(f"epoch {row['epoch']:>2}/{cfg.epochs}  loss {row['loss']:.4f}  val mAP@{K} {fmt(row[f'val_mAP@{K}'])}  "
-            f"NIH {fmt(row[f'val_nih_mAP@{K}'])}  break-even P {fmt(row['val_break_even_precision'])}  best "
+            f"NIH {fmt(row[f'val_nih_mAP@{K}'])}  per-finding {fmt(row[f'val_finding_mAP@{K}'])}  "
+            f"break-even P {fmt(row['val_break_even_precision'])}  best "
             f"{best['select']:.3f} (epoch {best['epoch']})  {row['seconds']:.0f} s")
 
     last_saver.attach(trainer)  # after _record: the checkpoint holds the early-stopping state of this epoch

@@ -13,6 +13,13 @@ Objectives (``--objective``, summed with their weights):
   other case of the batch that shares at least one label with it is a positive -- the relevance used for retrieval.
   Pairs of the same patient are left out entirely (neither positive nor negative), as retrieval excludes them.
 * ``ms``: multi-similarity loss (Wang et al., CVPR 2019) with the same relevance and the same patient rule.
+* ``adv``: a source classifier on the embedding behind a gradient-reversal layer (Ganin & Lempitsky 2015): the
+  embedding is pushed to *not* tell the source archives apart (``--adversary`` scales the reversed gradient).
+
+Per-finding weighting (``--rarity R``): label f weighs ``freq_f ** -R`` (normalised to mean 1 over the vocabulary),
+in bce (per label column) and in supcon, where a pair's positive weight becomes the summed weight of the labels it
+shares -- two cases sharing a rare finding pull together harder than two normals. ``--cross-source C`` multiplies
+the positive weight of pairs from different source families (positives drawn across sources).
 """
 
 from __future__ import annotations
@@ -27,8 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medsim.model.network import build_pooling
-
-OBJECTIVES = ("bce", "supcon", "ms")
+from medsim.train.config import OBJECTIVES
 
 
 def parse_objective(text: str) -> dict[str, float]:
@@ -60,6 +66,12 @@ class RetrievalNet(nn.Module):
         self.class_weight = nn.Parameter(torch.randn(n_labels, projection.out_features) * 0.01)
         self.class_bias = nn.Parameter(torch.zeros(n_labels))
         self.scale = float(scale)
+        self.source_head: nn.Linear | None = None  # the "adv" objective's source classifier (not exported)
+        self.adversary = 1.0
+
+    def add_source_head(self, n_sources: int, strength: float = 1.0) -> None:
+        self.source_head = nn.Linear(self.projection.out_features, max(2, n_sources))
+        self.adversary = float(strength)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projection(self.pool(self.tail(x))), dim=1)
@@ -67,7 +79,10 @@ class RetrievalNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         emb = self.embed(x)
         logits = self.scale * emb @ F.normalize(self.class_weight, dim=1).T + self.class_bias
-        return {"embedding": emb, "logits": logits}
+        out = {"embedding": emb, "logits": logits}
+        if self.source_head is not None:
+            out["source_logits"] = self.source_head(GradReverse.apply(emb, self.adversary))
+        return out
 
     def classifier_json(self, vocabulary: Sequence[str]) -> dict:
         """The cosine classifier as a bundle stores it (``extra.classifier``)."""
@@ -83,6 +98,28 @@ class RetrievalNet(nn.Module):
             with torch.no_grad():
                 self.class_weight.copy_(weight)
                 self.class_bias.copy_(decode_tensor(classifier["bias"]))
+
+
+class GradReverse(torch.autograd.Function):
+    """Identity forward; the gradient times -strength backward."""
+
+    @staticmethod
+    def forward(ctx, x, strength: float):
+        ctx.strength = strength
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.strength * grad, None
+
+
+def label_weights(frequency: Sequence[float], rarity: float) -> torch.Tensor:
+    """Per-label weights ``freq ** -rarity`` normalised to mean 1 (labels never seen get the largest weight)."""
+    f = torch.as_tensor(list(frequency), dtype=torch.float32)
+    seen = f > 0
+    f = torch.where(seen, f, f[seen].min() if bool(seen.any()) else torch.ones(()))
+    w = f.clamp_min(1e-6) ** (-float(rarity))
+    return w / w.mean()
 
 
 def encode_tensor(t: torch.Tensor) -> dict:
@@ -104,17 +141,28 @@ def _pair_masks(labels: torch.Tensor, patients: torch.Tensor) -> tuple[torch.Ten
     return valid, shares & valid
 
 
-def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, patients: torch.Tensor, temperature: float = 0.1
-                ) -> torch.Tensor:
+def supcon_loss(emb: torch.Tensor, labels: torch.Tensor, patients: torch.Tensor, temperature: float = 0.1,
+                label_weight: torch.Tensor | None = None, sources: torch.Tensor | None = None,
+                cross_source: float = 1.0) -> torch.Tensor:
+    """Multi-label supervised contrastive loss. Without ``label_weight`` every positive (shares a label) counts
+    alike; with it a positive pair weighs the summed weight of its shared labels, times ``cross_source`` when the
+    two come from different ``sources``."""
     valid, positive = _pair_masks(labels, patients)
     logits = emb @ emb.T / temperature
     logits = logits.masked_fill(~valid, torch.finfo(logits.dtype).min / 2)
     log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-    n_pos = positive.sum(dim=1)
+    if label_weight is None and (sources is None or cross_source == 1.0):
+        weight = positive.float()
+    else:
+        lw = label_weight if label_weight is not None else labels.new_ones(labels.shape[1])
+        weight = ((labels * lw) @ labels.T) * positive
+        if sources is not None and cross_source != 1.0:
+            weight = weight * torch.where(sources[:, None] != sources[None, :], float(cross_source), 1.0)
+    n_pos = weight.sum(dim=1)
     has = n_pos > 0
     if not bool(has.any()):
         return emb.sum() * 0.0
-    per_anchor = -(log_prob * positive).sum(dim=1)[has] / n_pos[has]
+    per_anchor = -(log_prob * weight).sum(dim=1)[has] / n_pos[has]
     return per_anchor.mean()
 
 
@@ -141,28 +189,37 @@ def multi_similarity_loss(emb: torch.Tensor, labels: torch.Tensor, patients: tor
 class RetrievalLoss(nn.Module):
     """Weighted sum of the objectives; called by the MONAI trainer as ``loss(pred, targets)``."""
 
-    def __init__(self, weights: Mapping[str, float], temperature: float = 0.1, pos_weight: torch.Tensor | None = None):
+    def __init__(self, weights: Mapping[str, float], temperature: float = 0.1, pos_weight: torch.Tensor | None = None,
+                 label_weight: torch.Tensor | None = None, cross_source: float = 1.0):
         super().__init__()
         self.weights = dict(weights)
         self.temperature = float(temperature)
+        self.cross_source = float(cross_source)
         self.register_buffer("pos_weight", pos_weight if pos_weight is not None else torch.empty(0))
+        self.register_buffer("label_weight", label_weight if label_weight is not None else torch.empty(0))
         self.last: dict[str, float] = {}
 
     def forward(self, pred: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
         # the losses run in float32, also under mixed precision (autocast would compute emb @ emb.T in float16)
         with torch.autocast(device_type=pred["embedding"].device.type, enabled=False):
-            return self._forward({"embedding": pred["embedding"].float(), "logits": pred["logits"].float()},
-                                 targets["labels"].float(), targets["patient"])
+            p = {"embedding": pred["embedding"].float(), "logits": pred["logits"].float()}
+            if "source_logits" in pred:
+                p["source_logits"] = pred["source_logits"].float()
+            return self._forward(p, targets["labels"].float(), targets["patient"], targets.get("source"))
 
-    def _forward(self, pred: Mapping[str, torch.Tensor], labels: torch.Tensor, patients: torch.Tensor
-                 ) -> torch.Tensor:
+    def _forward(self, pred: Mapping[str, torch.Tensor], labels: torch.Tensor, patients: torch.Tensor,
+                 sources: torch.Tensor | None = None) -> torch.Tensor:
         total = pred["embedding"].new_zeros(())
         parts = {}
+        lw = self.label_weight if self.label_weight.numel() else None
         if "bce" in self.weights:
             pw = self.pos_weight if self.pos_weight.numel() else None
-            parts["bce"] = F.binary_cross_entropy_with_logits(pred["logits"], labels, pos_weight=pw)
+            parts["bce"] = F.binary_cross_entropy_with_logits(pred["logits"], labels, pos_weight=pw, weight=lw)
         if "supcon" in self.weights:
-            parts["supcon"] = supcon_loss(pred["embedding"], labels, patients, self.temperature)
+            parts["supcon"] = supcon_loss(pred["embedding"], labels, patients, self.temperature, label_weight=lw,
+                                          sources=sources, cross_source=self.cross_source)
+        if "adv" in self.weights and "source_logits" in pred and sources is not None:
+            parts["adv"] = F.cross_entropy(pred["source_logits"], sources)
         if "ms" in self.weights:
             parts["ms"] = multi_similarity_loss(pred["embedding"], labels, patients)
         for name, value in parts.items():

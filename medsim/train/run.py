@@ -33,7 +33,7 @@ from medsim.model.bundle import BUNDLE_JSON
 from medsim.model.network import build_pooling, load_network
 from medsim.train.config import FEATURES_END, TRAIN_LAYERS, TrainConfig, TrainError, TrainResult
 from medsim.train.data import Split, SplitSet, TrainDataError, load_train_set, map_vocabulary, patient_split, remap
-from medsim.train.datasets import INPUT, build_datasets
+from medsim.train.datasets import INPUT, build_datasets, source_families
 from medsim.train.export import write_bundle
 from medsim.train.features import POOL4_END
 from medsim.train.objectives import RetrievalNet, decode_tensor, init_projection, parse_objective
@@ -51,11 +51,13 @@ class Trainer:
     """One training run: set up (or resume) in ``work_dir``, train, write the bundle."""
 
     def __init__(self, config: TrainConfig, *, resume: bool = False, restart: bool = False, overwrite: bool = False,
+                 restart_if_changed: bool = False,
                  progress: bool = True, say: Callable[[str], None] = _say,
                  on_epoch: Callable[[dict], None] | None = None):
         self.config = copy.deepcopy(config)
         self.resume = resume  # becomes False when there is nothing to resume (or --restart)
         self.restart = restart
+        self.restart_if_changed = restart_if_changed  # --resume, but a run of other data or settings starts anew
         self.overwrite = overwrite
         self.progress = progress
         self.say = say
@@ -67,8 +69,8 @@ class Trainer:
             raise TrainError(f"--train-layers must be one of {', '.join(TRAIN_LAYERS)}")
         self.start = TRAIN_LAYERS[config.train_layers]  # first trainable module of vgg16().features
         parse_objective(config.objective)  # a bad --objective fails here, before any work
-        if config.select not in ("all", "nih", "mean"):
-            raise TrainError("--select must be all, nih or mean")
+        if config.select not in ("all", "nih", "mean", "finding"):
+            raise TrainError("--select must be all, nih, mean or finding")
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainError("--device cuda: no CUDA device is available to torch on this machine")
@@ -116,8 +118,16 @@ class Trainer:
             if int(existing.get("format", 0)) != RUN_FORMAT:
                 raise TrainError(f"training run {self.work_dir} has another format; --restart it")
             old = existing["config"]
-            changed = [k for k in TrainConfig.RESUME_KEYS if old.get(k) != getattr(cfg, k)]
-            if changed:
+            # a setting added after the run started: the run used what the code did before it existed
+            changed = [k for k in TrainConfig.RESUME_KEYS
+                       if old.get(k, TrainConfig.LEGACY.get(k)) != getattr(cfg, k)]
+            if changed and self.restart_if_changed:
+                self.say(f"the run at {self.work_dir} was started with other settings ({', '.join(changed)}): "
+                         f"starting a new run")
+                self.folder.discard()
+                existing = None
+                self.resume = False
+            elif changed:
                 raise TrainError(f"--resume: the run at {self.work_dir} was started with other settings "
                                  f"({', '.join(f'{k}={old.get(k)!r}, now {getattr(cfg, k)!r}' for k in changed)}); "
                                  f"use the same settings or --restart")
@@ -132,16 +142,31 @@ class Trainer:
             self.say(f"note: {note}")
         self.base = self._base_bundle()
         if existing is not None:
-            vocabulary = existing["label_vocabulary"]
-            mapping = map_vocabulary(vocabulary, train_set.vocabulary, what=f"the training run at {self.work_dir}")
-            train_set = remap(train_set, mapping, vocabulary)
-            split = Split.from_dict(existing["split"])
-            if existing["data_fingerprint"] != train_set.fingerprint():
+            try:
+                vocabulary = existing["label_vocabulary"]
+                mapping = map_vocabulary(vocabulary, train_set.vocabulary,
+                                         what=f"the training run at {self.work_dir}")
+                resumed = remap(train_set, mapping, vocabulary)
+                same = existing["data_fingerprint"] == resumed.fingerprint()
+            except TrainDataError:
+                if not self.restart_if_changed:
+                    raise
+                same = False
+            if not same and self.restart_if_changed:
+                self.say(f"the run at {self.work_dir} was started on other images or labels: starting a new run")
+                self.folder.discard()
+                self.folder.path.mkdir(parents=True, exist_ok=True)
+                existing = self.existing = None
+                self.resume = False
+            elif not same:
                 raise TrainError(f"--resume: the run at {self.work_dir} was started on other images or labels "
                                  f"(data fingerprint {existing['data_fingerprint'][:12]}, now "
-                                 f"{train_set.fingerprint()[:12]}); --restart to train on these, or give another "
+                                 f"{resumed.fingerprint()[:12]}); --restart to train on these, or give another "
                                  f"--work-dir")
-        else:
+            else:
+                train_set = resumed
+                split = Split.from_dict(existing["split"])
+        if existing is None:
             if self.base.label_vocabulary:
                 mapping = map_vocabulary(self.base.label_vocabulary, train_set.vocabulary,
                                          what=f"model bundle {self.base.name} ({self.base.fingerprint})")
@@ -181,6 +206,8 @@ class Trainer:
         net = RetrievalNet(tail, {"type": "gap"} if cfg.pooling == "gap" else cfg.pooling, proj,
                            len(self.data.vocabulary))
         net.load_classifier(self.base.extra.get("classifier"), self.data.vocabulary)
+        if "adv" in parse_objective(cfg.objective):
+            net.add_source_head(len(source_families(self.data)), cfg.adversary)
         return net
 
     def _pooled_sample(self, dataset, tail, n: int = 1024) -> torch.Tensor:
@@ -221,7 +248,9 @@ class Trainer:
     def run(self) -> TrainResult:
         from monai.utils import set_determinism
 
-        from medsim.train.loop import fit  # needs pytorch-ignite: imported only to train
+        from medsim.train.loop import (
+            fit,  # needs pytorch-ignite: imported only to train
+        )
 
         self.started = time.perf_counter()
         cpu_started = time.process_time()
@@ -253,14 +282,15 @@ class Trainer:
             self.timings["baseline_seconds"] = time.perf_counter() - t0
         h = headline(baseline)
         self.say(f"baseline ({self.base.name}) on the validation split: mAP@{K} {fmt(h[f'mAP@{K}'])}, NIH "
-                 f"{fmt(h[f'nih_mAP@{K}'])}, break-even precision {fmt(h['break_even_precision'])}")
+                 f"{fmt(h[f'nih_mAP@{K}'])}, NIH per-finding {fmt(h[f'finding_mAP@{K}'])} (random "
+                 f"{fmt(h[f'finding_random_mAP@{K}'])}), break-even precision {fmt(h['break_even_precision'])}")
 
         net = self._network(train_ds).to(self.device)
         t0 = time.perf_counter()
         history = fit(net, train_ds, val_ds, config=cfg, device=self.device, folder=self.folder, resume=self.resume,
                       val_idx=data.val_idx, report=self._report,
                       score=lambda report: selection_score(report, cfg.select), elapsed=self._elapsed, say=self.say,
-                      on_epoch=self.on_epoch)
+                      on_epoch=self.on_epoch, label_frequency=list(data.label_frequency().values()))
         self.timings["train_seconds"] = time.perf_counter() - t0
 
         # the best checkpoint -> bundle
@@ -275,9 +305,16 @@ class Trainer:
         embeddings = self._embed(net.embed, val_ds)
         final = self._report(embeddings)
         records = data.validation_records
+        baseline_embeddings = self._baseline_embeddings(val_ds)
         final["vs_baseline"] = paired_difference(
-            embeddings, self._baseline_embeddings(val_ds), [r.labels for r in records],
+            embeddings, baseline_embeddings, [r.labels for r in records],
             [r.patient_id for r in records], [r.source for r in records], k=K, seed=cfg.seed)
+        # kept beside the checkpoints so that runs can be compared pairwise later (benchmarks/model_card.py)
+        np.savez_compressed(self.work_dir / "validation_embeddings.npz", model=embeddings,
+                            baseline=baseline_embeddings, paths=np.asarray([r.rel_path for r in records]),
+                            labels=np.asarray(["|".join(r.labels) for r in records]),
+                            patients=np.asarray([r.patient_id for r in records]),
+                            sources=np.asarray([r.source for r in records]))
         self.timings["final_validation_seconds"] = time.perf_counter() - t0
         best_epoch = max(history, key=lambda r: (r["select"], -r["epoch"]))["epoch"] if history else 0
         wall = self._elapsed()
@@ -292,11 +329,15 @@ class Trainer:
                  f"{best_epoch}, validation mAP@{K} {fmt(final.get(f'mAP@{K}'))} (baseline "
                  f"{fmt(baseline.get(f'mAP@{K}'))}), NIH {fmt(headline(final)[f'nih_mAP@{K}'])} (baseline "
                  f"{fmt(headline(baseline)[f'nih_mAP@{K}'])}); {wall / 60:.1f} min")
+        hf = headline(final)
+        self.say(f"  NIH per-finding macro mAP@{K} {fmt(hf[f'finding_mAP@{K}'])} (95 % interval "
+                 f"{fmt((hf['finding_ci95'] or [None])[0])} .. {fmt((hf['finding_ci95'] or [None, None])[1])}), random "
+                 f"{fmt(hf[f'finding_random_mAP@{K}'])}; same-source share of the top {K} {fmt(hf['same_source_cross'])}")
         for name, d in final["vs_baseline"].items():
             self.say(f"  {name}: mAP@{K} {d[f'delta_mAP@{K}']:+.3f} vs the baseline (95 % patient-bootstrap interval "
                      f"{fmt(d['ci95'][0])} .. {fmt(d['ci95'][1])}, {d['queries']} queries)")
         return TrainResult(str(bundle.path), bundle.fingerprint, best_epoch, len(history), final, baseline,
-                           wall, str(self.work_dir), history)
+                           wall, str(self.work_dir), history, dict(self.timings))
 
 
 def train(config: TrainConfig, **kwargs) -> TrainResult:

@@ -183,9 +183,11 @@ class LoadViewsd(MapTransform):
     """Deterministic: list of .npy activation maps (one per view) under each key -> (V, C, h, w) float16 array, after
     the frozen block-5 layers ``frozen`` (None or empty: none)."""
 
-    def __init__(self, keys: KeysCollection, frozen: torch.nn.Module | None = None, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, frozen: torch.nn.Module | None = None, allow_missing_keys: bool = False,
+                 device: str | torch.device | None = None):
         super().__init__(keys, allow_missing_keys)
-        self.frozen = frozen
+        self.device = torch.device(device) if device is not None else None
+        self.frozen = frozen.to(self.device) if frozen is not None and self.device is not None else frozen
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
@@ -193,7 +195,10 @@ class LoadViewsd(MapTransform):
             views = np.stack([np.load(p) for p in d[key]])
             if self.frozen is not None and len(self.frozen):
                 with torch.inference_mode():
-                    views = self.frozen(torch.from_numpy(views).float()).to(torch.float16).numpy()
+                    x = torch.from_numpy(views).float()
+                    if self.device is not None:
+                        x = x.to(self.device)
+                    views = self.frozen(x).to("cpu", torch.float16).numpy()
             d[key] = views
         return d
 

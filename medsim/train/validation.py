@@ -1,6 +1,13 @@
 """Validation retrieval metrics, computed with :mod:`medsim.evaluate.metrics` (the definitions `medsim evaluate`
 reports): every validation image queries every other validation image, its own patient's images excluded;
 relevant = shares at least one label ("No Finding" counts as a label).
+
+Besides, the measure of the product's promise (cases that share the query's *findings*), on the NIH images only
+(:data:`medsim.evaluate.metrics.NIH_FINDING_SOURCES`: full-resolution NIH ChestX-ray14 with NIH patient ids; RSNA
+images are NIH images whose patients cannot be linked, and nih64 are 64 px copies, so neither is query nor gallery):
+per NIH finding X with >= 5 queries, mAP@10 of the queries that have X with relevant = the gallery image has X; the
+macro average over those findings, and the same for a random ranking (exact expectation); and the share of the top
+10 from the query's own source among the queries whose relevant cases exist in other sources.
 """
 
 from __future__ import annotations
@@ -12,7 +19,8 @@ import numpy as np
 from medsim.evaluate import metrics as M
 
 NIH_SOURCE = "nih"
-K = 10  # the retrieval depth of validation (mAP@10 picks the best epoch)
+K = 10
+MIN_FINDING_QUERIES = 5  # a finding enters the per-finding macro average with at least this many queries  # the retrieval depth of validation (mAP@10 picks the best epoch)
 
 
 def _block(scores: np.ndarray, labels: Sequence[tuple[str, ...]], patients: Sequence[str], k: int,
@@ -64,6 +72,13 @@ def retrieval_report(embeddings: np.ndarray, labels: Sequence[tuple[str, ...]], 
     topk = M.rank_topk(scores, valid, k)
     same = (src[topk.indices] == src[:, None]) & topk.filled
     report[f"same_source_at_{k}"] = float(same.sum() / max(1, topk.filled.sum()))
+    relevant = M.relevance_matrix(list(labels), list(labels), "shares")
+    cross = M.same_source_share(topk, relevant, valid, sources, k=k)
+    report[f"same_source_at_{k}_cross"] = cross["share"]
+    report["same_source_cross_queries"] = cross["queries"]
+    findings = nih_findings(scores, labels, patients, sources, k=k)
+    if findings is not None:
+        report["nih_findings"] = M.finding_summary(findings[0], findings[1])
     nih = np.asarray([s == NIH_SOURCE for s in sources])
     if nih.any():
         n = len(labels)
@@ -77,13 +92,29 @@ def retrieval_report(embeddings: np.ndarray, labels: Sequence[tuple[str, ...]], 
     return report
 
 
+def nih_subset(sources: Sequence[str]) -> np.ndarray:
+    """Indices of the images that the NIH per-finding figures use (queries and gallery)."""
+    return np.flatnonzero(np.asarray([s in M.NIH_FINDING_SOURCES for s in sources], dtype=bool))
+
+
+def nih_findings(scores: np.ndarray, labels, patients, sources, k: int = K, min_queries: int = MIN_FINDING_QUERIES,
+                 n_resamples: int = 1000, seed: int = 0):
+    """(:class:`~medsim.evaluate.metrics.FindingAP`, patient-bootstrap weights) of the NIH images among themselves,
+    or None when there are none (:func:`medsim.evaluate.metrics.nih_finding_ap`)."""
+    return M.nih_finding_ap(scores, labels, patients, sources, k=k, min_queries=min_queries,
+                            n_resamples=n_resamples, seed=seed)
+
+
 def headline(report: dict, k: int = 10) -> dict:
     """The numbers the progress line and the model card quote."""
     nih = report.get("by_source", {}).get(NIH_SOURCE, {})
     be = report.get("break_even", {})
+    nf = report.get("nih_findings", {})
     return {f"mAP@{k}": report.get(f"mAP@{k}"), f"nih_mAP@{k}": nih.get(f"mAP@{k}"),
             "break_even_precision": be.get("precision"), "nih_break_even_precision":
-            nih.get("break_even", {}).get("precision")}
+            nih.get("break_even", {}).get("precision"), f"finding_mAP@{k}": nf.get("macro"),
+            f"finding_random_mAP@{k}": nf.get("random_macro"), "finding_lift": nf.get("lift"),
+            "finding_ci95": nf.get("macro_ci95"), "same_source_cross": report.get(f"same_source_at_{k}_cross")}
 
 
 def _per_query_ap(scores, labels, patients, k):
@@ -117,7 +148,22 @@ def paired_difference(model: np.ndarray, baseline: np.ndarray, labels: Sequence[
         samples = (w @ diff[defined]) / np.maximum(w.sum(axis=1), 1e-12)
         lo, hi = M.percentile_interval(samples)
         out[name] = {f"delta_mAP@{k}": M.mean_over_queries(diff), "ci95": [lo, hi], "queries": int(defined.sum())}
+    a = nih_findings(np.asarray(model, dtype=np.float64) @ np.asarray(model, dtype=np.float64).T, labels, patients,
+                     sources, k=k, n_resamples=n_resamples, seed=seed)
+    b = nih_findings(np.asarray(baseline, dtype=np.float64) @ np.asarray(baseline, dtype=np.float64).T, labels,
+                     patients, sources, k=k, n_resamples=n_resamples, seed=seed)
+    if a is not None and b is not None and a[0].findings == b[0].findings:
+        summary = M.finding_summary(a[0], a[1], other=b[0])
+        out["nih_findings"] = {f"delta_mAP@{k}": summary["vs_other"]["delta"], "ci95": summary["vs_other"]["ci95"],
+                               "queries": int(a[0].queries().sum()), "findings": len(a[0].findings)}
     return out
+
+
+def compare(model: np.ndarray, other: np.ndarray, records: Sequence, k: int = K, n_resamples: int = 1000,
+            seed: int = 0) -> dict:
+    """:func:`paired_difference` of two embeddings of ``records`` (model - other)."""
+    return paired_difference(model, other, [r.labels for r in records], [r.patient_id for r in records],
+                             [r.source for r in records], k=k, n_resamples=n_resamples, seed=seed)
 
 
 def validation_report(embeddings: np.ndarray, records: Sequence, k: int = K) -> dict:
@@ -128,8 +174,13 @@ def validation_report(embeddings: np.ndarray, records: Sequence, k: int = K) -> 
 
 def selection_score(report: dict, select: str, k: int = K) -> float:
     """The number that picks the best epoch (``--select``: mAP@k on ``all`` validation images, on the ``nih``
-    images, or the ``mean`` of both); 0 when undefined (no validation query has a relevant case)."""
+    images, or the ``mean`` of both; ``finding``: the mean of the whole-split mAP@k and the NIH per-finding macro
+    mAP@k); 0 when undefined (no validation query has a relevant case)."""
     all_ = report.get(f"mAP@{k}")
+    if select == "finding":
+        macro = report.get("nih_findings", {}).get("macro")
+        value = all_ if macro is None or not np.isfinite(macro) else 0.5 * (float(all_) + float(macro))
+        return float(value) if value is not None and np.isfinite(value) else 0.0
     nih = report.get("by_source", {}).get(NIH_SOURCE, {}).get(f"mAP@{k}")
     if select == "all" or nih is None or not np.isfinite(nih):
         value = all_
