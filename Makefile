@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 SAMPLE := sample_data/pacs_export
 INDEX  := var/sample-index
 
-.PHONY: run test test-fast install sample-data clean orthanc viewer chromium model
+.PHONY: run test test-fast install sample-data clean orthanc viewer chromium model nginx
 
 # A venv with medsim and its test extras. torch comes from a range in pyproject.toml (no pinned build).
 $(STAMP): pyproject.toml
@@ -21,11 +21,10 @@ install: $(STAMP)
 sample-data: $(STAMP)
 	$(BIN)/python sample_data/build_sample_data.py --out $(SAMPLE)
 
-run: sample-data orthanc viewer
-	$(BIN)/medsim build-index $(SAMPLE) --labels $(SAMPLE)/labels.csv --index $(INDEX)
-	$(BIN)/medsim info --index $(INDEX)
-	$(BIN)/medsim query "$$($(BIN)/python sample_data/build_sample_data.py --out $(SAMPLE) --print-query)" --index $(INDEX) -k 5
-	$(BIN)/python -m medsim.stack --sample $(SAMPLE) --index $(INDEX)
+# The developer's wrapper around `medsim stack --sample` (what a pip-installed medsim runs): sample data, the pinned
+# viewer, Orthanc, the index ($(INDEX)), `medsim info`, the sample query, then the viewer + API until Ctrl-C.
+run: install orthanc
+	$(BIN)/medsim stack --sample --index $(INDEX)
 
 # The prebuilt OHIF viewer (npm pack @ohif/app at the version pinned in plugin/ohif/ohif-viewer.json, sha512 checked
 # against the pin and the registry) in var/ohif/<version>/dist; a no-op once there. Needs npm the first time.
@@ -43,7 +42,7 @@ chromium:
 
 # Orthanc + its DICOMweb plugin (Debian packages) for the service tests; installed only when missing. Without apt-get
 # (or when the install fails) the Orthanc tests skip and say why.
-ORTHANC_PKGS := orthanc orthanc-dicomweb
+ORTHANC_PKGS := orthanc orthanc-dicomweb orthanc-python
 orthanc:
 	@if { command -v orthanc || command -v Orthanc || test -x /usr/sbin/Orthanc; } >/dev/null 2>&1 \
 	    && dpkg -s orthanc-dicomweb >/dev/null 2>&1; then :; \
@@ -53,15 +52,26 @@ orthanc:
 	    || echo "make orthanc: could not install $(ORTHANC_PKGS); the Orthanc tests will be skipped"; \
 	else echo "make orthanc: no apt-get here; install Orthanc and its DICOMweb plugin to run the Orthanc tests"; fi
 
+# nginx (Debian package) for the reverse-proxy test (tests/test_deploy_nginx.py, docs/deploy/nginx.conf); installed
+# only when missing, else that test skips and says why.
+nginx:
+	@if command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx; then :; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq nginx; } \
+	    || echo "make nginx: could not install nginx; the reverse-proxy test will be skipped"; \
+	else echo "make nginx: no apt-get here; install nginx to run the reverse-proxy test"; fi
+
 # The fine-tuned default model (docs/model-card.md): `medsim train` on a labeled folder (default ../shared/data/cxr),
 # seeded, written to $MEDSIM_HOME/bundles/default where build-index/query/evaluate/serve find it (they fall back to
 # ImageNet VGG-16 without it). Never committed. A killed run continues where it stopped; a finished run re-writes
-# its bundle. Another folder: make model CXR=/path/to/folder [CXR_LABELS=...] [TRAIN_FLAGS=--restart].
+# its bundle; one started on other data or settings starts anew. Another folder:
+# make model CXR=/path/to/folder [CXR_LABELS=...] [TRAIN_FLAGS=--restart].
 CXR         ?= ../shared/data/cxr
 CXR_LABELS  ?= $(CXR)/labels.csv
 TRAIN_FLAGS ?=
 model: $(STAMP)
-	$(BIN)/medsim train --images $(CXR) --labels $(CXR_LABELS) --seed 0 --resume --overwrite $(TRAIN_FLAGS)
+	$(BIN)/medsim train --images $(CXR) --labels $(CXR_LABELS) --seed 0 --resume --restart-if-changed --overwrite $(TRAIN_FLAGS)
 
 test: sample-data orthanc viewer chromium
 	$(BIN)/python -m pytest

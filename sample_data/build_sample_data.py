@@ -5,6 +5,7 @@ Usage::
 
     python sample_data/build_sample_data.py [--out sample_data/pacs_export]
                                             [--cache sample_data/.cache] [--force]
+    python -m medsim.sample_data.build_sample_data    # installed medsim: -> $MEDSIM_HOME/sample/pacs_export
 
 What it does (see sample_data/README.md for the full description):
 
@@ -72,8 +73,20 @@ EXPECTED_IMAGES = 16
 EXPECTED_PATIENTS = 15
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_OUT = HERE / "pacs_export"
-DEFAULT_CACHE = HERE / ".cache"
+
+
+def _default_base() -> Path:
+    """sample_data/ in a checkout; $MEDSIM_HOME/sample for an installed medsim (``medsim.sample_data``), which must
+    never write into site-packages."""
+    if HERE.name == "sample_data" and (HERE.parent / "pyproject.toml").is_file():
+        return HERE
+    from medsim.files import medsim_home
+
+    return medsim_home() / "sample"
+
+
+DEFAULT_OUT = _default_base() / "pacs_export"
+DEFAULT_CACHE = _default_base() / ".cache"
 
 UID_NAMESPACE = "medsim-sample-data-v1"
 STUDY_DATE = "20180105"  # fixed; the n-th study of a patient is n-1 weeks later

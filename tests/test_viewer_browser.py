@@ -1,5 +1,7 @@
-"""The whole stack in a browser: `python -m medsim.stack` (Orthanc + sample studies + index + medsim serving the OHIF
-viewer with the plugin), driven by Playwright in Debian's headless Chromium.
+"""The whole stack in a browser: `medsim stack` (Orthanc + sample studies + index + medsim serving the OHIF viewer with
+the plugin), driven by Playwright in Debian's headless Chromium. The plugin is served from the contents of the npm
+tarball (`npm pack` in plugin/ohif/, unpacked; MEDSIM_PLUGIN_DIR), not from the source tree: what a site that
+installs the npm package gets is what is tested.
 
 1. open a sample chest X-ray in the "similar" mode; the image is drawn (the viewport is not blank);
 2. "Find similar cases": the panel lists cases, the first shares a finding with the query, none is of the query's
@@ -9,7 +11,7 @@ viewer with the plugin), driven by Playwright in Debian's headless Chromium.
    stubbed, then the real top 10), an auth failure (answer stubbed); the button reopens a panel closed by hand;
 5. Ctrl-C (SIGINT) stops the stack (server and Orthanc), and the open viewer then shows "server unreachable".
 
-Skips (saying why) without Playwright, Chromium (`apt-get install chromium`; or MEDSIM_CHROMIUM), the viewer
+Skips (saying why) without Playwright, Chromium (`apt-get install chromium`; or MEDSIM_CHROMIUM), npm, the viewer
 (`make viewer`) or Orthanc (`make orthanc`). Bounded: the stack must be up within 5 minutes, each step has its own
 timeout, and every test has a pytest timeout.
 """
@@ -66,6 +68,8 @@ def _requirements() -> str | None:
         return "Chromium is not installed (apt-get install chromium, or set MEDSIM_CHROMIUM)"
     if viewer_dist() is None:
         return "the OHIF viewer is not fetched (make viewer)"
+    if shutil.which("npm") is None:
+        return "npm is not installed (the plugin is served from its npm pack tarball)"
     from medsim.orthanc import find_dicomweb_plugin, find_orthanc
 
     if not (find_orthanc() and find_dicomweb_plugin()):
@@ -100,11 +104,15 @@ class Stack:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
+        from test_viewer_plugin_js import pack_plugin
+
+        self.plugin_dir = pack_plugin(self.work / "npm-pack") / "src"  # what the viewer loads: the packed copy
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "medsim.stack", "--sample", str(SAMPLE_DIR), "--index", str(self.work / "index"),
-             "--port", str(self.port), "--threads", "8"],
-            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [sys.executable, "-m", "medsim.cli", "stack", "--sample", str(SAMPLE_DIR), "--index",
+             str(self.work / "index"), "--port", str(self.port), "--threads", "8"],
+            cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "MEDSIM_PLUGIN_DIR": str(self.plugin_dir)})
         import requests
 
         deadline = time.monotonic() + STACK_START_TIMEOUT
@@ -235,6 +243,13 @@ def test_find_similar_cases_end_to_end(stack, context):
     assert len(own_studies) == 2, "the sample query's patient has a second study"
     query_findings = set(query["labels"].split("|"))
     timings = {"stack up": stack.started_in}
+    # the plugin comes from the unpacked npm tarball, and is the same bytes as the source
+    assert f"the medsim plugin from {stack.plugin_dir}" in stack.log(), stack.log_tail()
+    import requests
+
+    for module in sorted(p.name for p in stack.plugin_dir.iterdir()):
+        served = requests.get(f"{stack.base}/medsim-plugin/{module}", timeout=30).content
+        assert served == (stack.plugin_dir / module).read_bytes() == (ROOT / "plugin/ohif/src" / module).read_bytes()
 
     started = time.monotonic()
     page = open_study(context, stack.base, query["study_uid"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import re
 
-from flask import Flask, g, jsonify
+from flask import Flask, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from medsim.dicomweb import InstanceTooLarge, PacsError, PacsNotFound, PacsUnavailable
@@ -72,7 +72,15 @@ def error_response(status: int, code: str, message: str, **detail):
     response = jsonify({"error": body})
     response.status_code = status
     g.error_code = code
+    _count_error(code)
     return response
+
+
+def _count_error(code: str) -> None:
+    """Count the error in the app's metrics (medsim/server/metrics.py: by code; decode failures by reason)."""
+    metrics = current_app.extensions.get("medsim.metrics")
+    if metrics is not None:
+        metrics.count_error(code)
 
 
 def api_error_for(exc: MedsimError) -> ApiError:

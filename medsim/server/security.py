@@ -11,6 +11,10 @@
 * Audit: one JSON line per API request: time (UTC), client (token name, or "anonymous"), remote address, method,
   path, status, duration, request id, and what was asked (query UIDs, k, mode, result count). Never patient names,
   birth dates or image data.
+* Request ids: every request gets one: the client's ``X-Request-ID`` when it is sane (1-64 characters of
+  ``A-Z a-z 0-9 . _ : - @ / + =``), else a new random one. It is returned in the ``X-Request-ID`` response header, in
+  every JSON error body, in the audit record, and in every log line written while the request runs
+  (:class:`RequestIdFilter`; ``medsim serve`` logs JSON lines, :func:`configure_logging`).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+import re
 import sys
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flask import Blueprint, Flask, current_app, g, request
+from flask import Blueprint, Flask, current_app, g, has_request_context, request
 
 from medsim.server.errors import ApiError
 from medsim.server.settings import host_allow_list, host_name, is_loopback
@@ -34,6 +40,62 @@ audit_log = logging.getLogger("medsim.audit")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-Request-ID"
 CORS_EXPOSE_HEADERS = "X-Request-ID"
 CORS_MAX_AGE = "600"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,64}")
+LOG_FORMATS = ("json", "text")
+
+
+# ---- request ids in logs ------------------------------------------------------------------------------------------
+
+
+def current_request_id() -> str | None:
+    """The id of the request being answered in this thread, or None outside a request."""
+    return g.get("request_id") if has_request_context() else None
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (the current request's, else "-") to every record passing a handler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not getattr(record, "request_id", None):
+            record.request_id = current_request_id() or "-"
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message, request_id (inside a request), exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or current_request_id()
+        if request_id and request_id != "-":
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def configure_logging(fmt: str | None = None, level: int = logging.INFO) -> str:
+    """Log lines of the whole process as JSON (default; ``MEDSIM_LOG_FORMAT=text`` for plain lines), each with the
+    request id. Returns the format used."""
+    fmt = (fmt or os.environ.get("MEDSIM_LOG_FORMAT") or "json").strip().lower()
+    if fmt not in LOG_FORMATS:
+        fmt = "json"
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler(sys.stderr))
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+    for handler in root.handlers:
+        handler.setFormatter(formatter)
+        if not any(isinstance(f, RequestIdFilter) for f in handler.filters):
+            handler.addFilter(RequestIdFilter())
+    root.setLevel(level)
+    return fmt
 
 
 def configure_audit_log(path) -> logging.Logger:
@@ -109,7 +171,7 @@ def register(app: Flask) -> None:
     def _start():
         g.started = time.perf_counter()
         incoming = request.headers.get("X-Request-ID", "")
-        g.request_id = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        g.request_id = incoming if REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.client = "anonymous"
         check_host(allowed_hosts)
         origin = request.headers.get("Origin")

@@ -31,6 +31,7 @@ import http.client
 import json
 import logging
 import mimetypes
+import os
 import posixpath
 import re
 import socket
@@ -50,7 +51,8 @@ DICOMWEB_PREFIX = "/dicom-web"
 MODE_ROUTE = "similar"
 EXTENSION_MODULE = "extension.js"
 MODE_MODULE = "mode.js"
-DEFAULT_PLUGIN_DIR = Path(__file__).resolve().parents[2] / "plugin" / "ohif" / "src"
+# The plugin's one copy: plugin/ohif/src in a checkout, which the wheel carries as package data of medsim.ohif.
+PINNED = "pinned"  # `--viewer pinned`: the OHIF viewer pinned in ohif-viewer.json, fetched at first use
 # Paths the single-page fallback must never answer with index.html.
 RESERVED = ("api/", "dicom-web/", "medsim-plugin/", "healthz")
 # Request headers passed to the PACS, and response headers passed back (hop-by-hop headers never are).
@@ -85,17 +87,76 @@ mimetypes.add_type("text/javascript", ".js")
 mimetypes.add_type("text/javascript", ".mjs")
 
 
+def plugin_package_dir() -> Path:
+    """The folder of the OHIF plugin package: ``medsim.ohif`` (plugin/ohif in a checkout, editable or not; the
+    package data in an installed wheel)."""
+    from importlib import resources
+
+    try:
+        return Path(str(resources.files("medsim.ohif")))
+    except ModuleNotFoundError:  # a source tree on sys.path without an install
+        return Path(__file__).resolve().parents[2] / "plugin" / "ohif"
+
+
+def default_plugin_dir() -> Path:
+    """The plugin's ES modules and CSS, exactly as the viewer loads them: ``$MEDSIM_PLUGIN_DIR`` when set (e.g. the
+    ``package/src`` of an unpacked ``npm pack`` tarball), else ``src/`` of the ``medsim.ohif`` package."""
+    env = os.environ.get("MEDSIM_PLUGIN_DIR", "").strip()
+    return Path(env).expanduser() if env else plugin_package_dir() / "src"
+
+
+def fetch_viewer_module():
+    """plugin/ohif/fetch_viewer.py (``medsim.ohif.fetch_viewer``)."""
+    import importlib
+
+    try:  # a data package mapped from plugin/ohif (pyproject.toml), not a module under medsim/
+        fetch_viewer = importlib.import_module("medsim.ohif.fetch_viewer")
+    except ModuleNotFoundError:
+        import importlib.util
+
+        path = plugin_package_dir() / "fetch_viewer.py"
+        spec = importlib.util.spec_from_file_location("medsim_fetch_viewer", path)
+        fetch_viewer = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fetch_viewer)
+    return fetch_viewer
+
+
+def pinned_viewer_dir(fetch: bool = True, say=None) -> Path:
+    """The pinned OHIF viewer's dist folder (var/ohif in a checkout, $MEDSIM_HOME/ohif installed,
+    $MEDSIM_VIEWER_CACHE when set); fetched with ``npm pack`` and sha512-checked first when ``fetch`` and it is
+    not there yet (progress lines to ``say``, default the log)."""
+    fv = fetch_viewer_module()
+    pin = fv.load_pin()
+    dist = fv.dist_dir(fv.default_cache(), pin)
+    if fv.is_complete(dist, pin) or not fetch:
+        return dist
+    try:
+        return fv.fetch(fv.default_cache(), pin, log=say or (lambda message: log.info("%s", message)))
+    except fv.FetchError as exc:
+        raise SettingsError(f"could not fetch the OHIF viewer: {exc}") from None
+
+
+def resolve_viewer_dir(value: str | Path | None) -> Path:
+    """``value`` as a dist folder: ``pinned`` is the pinned viewer (fetched at first use), anything else a path."""
+    if value is not None and str(value) == PINNED:
+        return pinned_viewer_dir()
+    return Path(value or "").expanduser()
+
+
 def blueprint(settings: Settings, viewer_dir: str | Path | None = None,
               plugin_dir: str | Path | None = None) -> Blueprint:
-    """The viewer blueprint for ``settings`` (``viewer_dir`` defaults to ``settings.viewer_dir``)."""
-    viewer = Path(viewer_dir or settings.viewer_dir or "").expanduser()
+    """The viewer blueprint for ``settings`` (``viewer_dir`` defaults to ``settings.viewer_dir``; ``pinned`` is the
+    pinned OHIF viewer, fetched into the viewer cache at first use)."""
+    viewer = resolve_viewer_dir(viewer_dir or settings.viewer_dir)
     if not (viewer / "index.html").is_file():
-        raise SettingsError(f"viewer_dir {viewer} holds no OHIF viewer (index.html); run `make viewer` or "
-                            "`python plugin/ohif/fetch_viewer.py`, then pass its dist folder")
-    plugin = Path(plugin_dir or DEFAULT_PLUGIN_DIR)
+        raise SettingsError(f"viewer_dir {viewer} holds no OHIF viewer (index.html); pass `--viewer pinned` (fetched "
+                            "at first use with npm), or run `make viewer` / `python -m medsim.ohif.fetch_viewer` and "
+                            "pass its dist folder")
+    plugin = Path(plugin_dir or default_plugin_dir())
     if not (plugin / EXTENSION_MODULE).is_file() or not (plugin / MODE_MODULE).is_file():
         raise SettingsError(f"the medsim OHIF plugin is not in {plugin} ({EXTENSION_MODULE}, {MODE_MODULE})")
     viewer, plugin = viewer.resolve(), plugin.resolve()
+    log.info("viewer: OHIF from %s, the medsim plugin from %s", viewer, plugin)
     index_html = (viewer / "index.html").read_bytes()
     bp = Blueprint("viewer", __name__)
 

@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """Fetch the prebuilt OHIF viewer that medsim serves (``make viewer``).
 
-    python plugin/ohif/fetch_viewer.py                  # -> var/ohif/3.13.2/dist (a no-op once there)
+    python plugin/ohif/fetch_viewer.py                  # checkout: -> var/ohif/3.13.2/dist (a no-op once there)
+    python -m medsim.ohif.fetch_viewer                  # installed medsim: -> $MEDSIM_HOME/ohif/3.13.2/dist
     python plugin/ohif/fetch_viewer.py --print-dist     # print the dist folder and exit (fails if missing)
+
+Where: ``--cache``, else ``$MEDSIM_VIEWER_CACHE``, else ``var/ohif`` in a checkout (this file under
+``plugin/ohif/`` beside pyproject.toml), else ``$MEDSIM_HOME/ohif`` (default ``~/.cache/medsim/ohif``) for an
+installed medsim, which ships this script as ``medsim.ohif.fetch_viewer``. ``medsim serve --viewer pinned`` and
+``medsim stack`` call :func:`fetch` at first use.
 
 What it does, with the pin in ``plugin/ohif/ohif-viewer.json`` (package, version, sha512 integrity):
 
@@ -35,8 +41,26 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 PIN_FILE = HERE / "ohif-viewer.json"
-DEFAULT_CACHE = ROOT / "var" / "ohif"
 STAMP = ".medsim-viewer.json"
+
+
+def in_checkout() -> bool:
+    """True when this file is plugin/ohif/fetch_viewer.py of a medsim checkout (not the installed package copy)."""
+    return HERE.name == "ohif" and HERE.parent.name == "plugin" and (ROOT / "pyproject.toml").is_file()
+
+
+def default_cache() -> Path:
+    """Where viewers are kept: $MEDSIM_VIEWER_CACHE, else var/ohif in a checkout, else $MEDSIM_HOME/ohif."""
+    env = os.environ.get("MEDSIM_VIEWER_CACHE", "").strip()
+    if env:
+        return Path(env).expanduser()
+    if in_checkout():
+        return ROOT / "var" / "ohif"
+    home = os.environ.get("MEDSIM_HOME", "").strip()
+    return (Path(home).expanduser() if home else Path.home() / ".cache" / "medsim") / "ohif"
+
+
+DEFAULT_CACHE = default_cache()
 
 
 class FetchError(Exception):
@@ -161,9 +185,11 @@ def unpack_dist(tarball: Path, out: Path, drop: set[str]) -> int:
     return count
 
 
-def fetch(cache: Path = DEFAULT_CACHE, pin: dict | None = None, *, tarball: Path | None = None,
+def fetch(cache: Path | None = None, pin: dict | None = None, *, tarball: Path | None = None,
           check_registry: bool = True, log=print) -> Path:
-    """Make sure ``cache/<version>/dist`` holds the verified viewer; returns that folder."""
+    """Make sure ``cache/<version>/dist`` holds the verified viewer (``cache``: :func:`default_cache`); returns
+    that folder."""
+    cache = Path(cache) if cache is not None else default_cache()
     pin = pin or load_pin()
     dist = dist_dir(cache, pin)
     if is_complete(dist, pin):
@@ -194,7 +220,8 @@ def fetch(cache: Path = DEFAULT_CACHE, pin: dict | None = None, *, tarball: Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder for viewers (default: var/ohif)")
+    parser.add_argument("--cache", type=Path, default=default_cache(),
+                        help="folder for viewers (default: %(default)s)")
     parser.add_argument("--tarball", type=Path, help="use this already downloaded tarball instead of npm pack")
     parser.add_argument("--no-registry-check", action="store_true",
                         help="check against the pin only (no `npm view` of the published integrity)")
@@ -205,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_dist:
             dist = dist_dir(args.cache, pin)
             if not is_complete(dist, pin):
-                print(f"the OHIF viewer is not fetched yet ({dist}); run `make viewer`", file=sys.stderr)
+                print(f"the OHIF viewer is not fetched yet ({dist}); run `make viewer` (checkout) or "
+                      "`python -m medsim.ohif.fetch_viewer`", file=sys.stderr)
                 return 1
             print(dist)
             return 0
