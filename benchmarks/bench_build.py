@@ -61,6 +61,157 @@ print(json.dumps({"images": reps * len(images), "seconds": seconds, "images_per_
 """
 
 
+BUILD_IN_PROCESS = r"""
+import json, resource, sys, time, warnings, logging
+warnings.filterwarnings("ignore")
+logging.getLogger("medsim.model").setLevel(logging.ERROR)
+from medsim import build as B
+from medsim.model import resolve_bundle
+source, index = sys.argv[1], sys.argv[2]
+stamps = []
+flush = B.IndexWriter.flush
+def timed_flush(self):
+    flush(self)
+    stamps.append((time.perf_counter(), self.report.indexed))
+B.IndexWriter.flush = timed_flush
+started = time.perf_counter()
+bundle = resolve_bundle(None)
+report = B.build_index(source, index, bundle, progress=False)
+wall = time.perf_counter() - started
+steady = None
+if len(stamps) >= 3 and stamps[-1][0] > stamps[0][0]:
+    steady = (stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
+print(json.dumps({"indexed": report.indexed, "failed": dict(report.failed), "skipped": dict(report.skipped),
+                  "seconds": report.seconds, "wall": wall, "images_per_s": report.images_per_second,
+                  "steady_images_per_s": steady, "first_batch_s": stamps[0][0] - started if stamps else None,
+                  "mode": report.embed_mode, "workers": B.default_workers(),
+                  "peak_rss_main_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_rss_worker_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+DECODE_ONLY = r"""
+import json, sys, time, warnings, logging
+warnings.filterwarnings("ignore")
+logging.getLogger("medsim.model").setLevel(logging.ERROR)
+from medsim import build as B
+from medsim.dicom import ChestPolicy
+from medsim.model import resolve_bundle
+B._init_worker()  # as a build-index worker: one torch thread, no MONAI metadata
+paths = json.loads(sys.argv[1])
+spec = resolve_bundle(None).preprocess
+B.process_file(paths[0], "/", ChestPolicy(), spec)  # warm: imports, decoders
+started = time.perf_counter()
+for p in paths:
+    B.process_file(p, "/", ChestPolicy(), spec)
+seconds = time.perf_counter() - started
+print(json.dumps({"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}))
+"""
+
+
+def decode_only(paths: list[str]) -> dict:
+    """One build-index worker's work (medsim.build.process_file: read at reduced resolution, LUTs, preprocessing,
+    pHash) on ``paths``, in a fresh process, page cache warm: the decode-only throughput of the default 1 worker."""
+    result = subprocess.run([sys.executable, "-c", DECODE_ONLY, json.dumps(paths)], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if result.returncode != 0:
+        raise RuntimeError(f"decode-only run failed: {result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+WORKER_BASELINE = r"""
+import json, resource, warnings
+warnings.filterwarnings("ignore")
+from medsim import build as B
+B._init_worker()
+import medsim.dicom, medsim.preprocess, medsim.phash, pydicom, PIL.Image, openjpeg, libjpeg
+from pydicom.pixels import get_decoder
+print(json.dumps({"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def build_in_process(source: Path, index: Path) -> dict:
+    """build_index in a fresh process with the default bundle, mode and workers; with the throughput after the first
+    committed batch (steady state: start-up excluded) and the peak RSS of the main process and of the workers."""
+    if index.exists():
+        shutil.rmtree(index)
+    load_before = load_average()
+    result = subprocess.run([sys.executable, "-c", BUILD_IN_PROCESS, str(source), str(index)], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if result.returncode != 0:
+        raise RuntimeError(f"build failed: {result.stderr[-2000:]}")
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out.update(load_average_before=load_before, load_average_after=load_average())
+    return out
+
+
+def worker_baseline_rss() -> int:
+    result = subprocess.run([sys.executable, "-c", WORKER_BASELINE], capture_output=True, text=True, cwd=ROOT)
+    return json.loads(result.stdout.strip().splitlines()[-1])["rss_bytes"] if result.returncode == 0 else 0
+
+
+def run_realistic(quick: bool = False, syntaxes: list[str] | None = None, files_per_syntax: int | None = None) -> dict:
+    """Issue 14: build-index per transfer syntax of the realistic export (benchmarks/realistic_export.py), against
+    embed-only (the same embedder on prepared tensors) and decode-only (one worker's process_file on the same files,
+    measured just before the build); plus the peak memory of the build."""
+    from benchmarks.bench_decode import REALISTIC_ORDER
+    from benchmarks.realistic_export import DEFAULT_OUT, generate
+
+    cxr = shared_data() / "cxr"
+    if not (cxr / "labels.csv").exists():
+        return {"machine": machine(), "skipped": f"no dev set at {cxr}"}
+    load_before = load_average()
+    info = generate(DEFAULT_OUT)
+    rows = info["rows"]
+    with open(cxr / "labels.csv", newline="") as fh:
+        dev = [str(cxr / r["path"]) for r in csv.DictReader(fh) if r["path"].endswith(".jpg")]
+    sample = dev[::max(1, len(dev) // 48)][:48]  # embed-only does not depend on where the tensors came from
+    decode_file = ROOT / "benchmarks" / "results" / "decode_realistic.json"
+    decode = json.loads(decode_file.read_text()) if decode_file.exists() else {}
+    decode_rate = {e["syntax"]: e.get("medsim_reduced_images_per_s") for e in decode.get("summary", [])}
+    per_syntax = files_per_syntax or (16 if quick else 10**6)
+    results = {}
+    for syntax in syntaxes or REALISTIC_ORDER:
+        members = [r for r in rows if r["syntax"] == syntax][:per_syntax]
+        folder = WORK / "realistic-by-syntax" / syntax
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        for r in members:
+            (folder / r["path"].replace("/", "_")).symlink_to(DEFAULT_OUT / r["path"])
+        say(f"decode-only {syntax}")
+        decoded = decode_only([str(DEFAULT_OUT / r["path"]) for r in members])
+        say(f"embed-only (before {syntax})")
+        before = embed_only(sample, 1)
+        say(f"  {before['images_per_s']:.2f} images/s; build-index {syntax} ({len(members)} files)")
+        built = build_in_process(folder, WORK / f"index-realistic-{syntax}")
+        after = embed_only(sample, 1)
+        embed = (before["images_per_s"] + after["images_per_s"]) / 2
+        decode_rate_now = round(decoded["images_per_s"], 3)  # same minutes, same load as the build
+        bound = min(embed, decode_rate_now)
+        steady = built["steady_images_per_s"] or built["images_per_s"]
+        entry = {**built, "files": len(members), "embed_only_images_per_s": round(embed, 3),
+                 "decode_only": decoded, "decode_only_single_thread_bench": decode_rate.get(syntax),
+                 "decode_only_images_per_s": decode_rate_now, "embed_only_before": before, "embed_only_after": after,
+                 "ratio_to_embed_only": round(built["images_per_s"] / embed, 3),
+                 "ratio_steady_to_embed_only": round(steady / embed, 3),
+                 "ratio_steady_to_min_embed_decode": round(steady / bound, 3),
+                 "largest_megapixels": max(r["rows"] * r["columns"] for r in members) / 1e6}
+        results[syntax] = entry
+        say(f"  {syntax}: {built['indexed']} images, {built['images_per_s']:.2f} images/s whole run, steady "
+            f"{steady:.2f}; embed-only {embed:.2f}, decode-only {decode_rate_now}; peak RSS main "
+            f"{built['peak_rss_main_bytes'] / 2**20:.0f} MiB, worker {built['peak_rss_worker_bytes'] / 2**20:.0f} MiB")
+    largest = max(rows, key=lambda r: r["rows"] * r["columns"])
+    return {"machine": machine(), "load_average_before": load_before, "load_average_after": load_average(),
+            "export": {k: v for k, v in info.items() if k != "rows"}, "builds": results,
+            "worker_baseline_rss_bytes": worker_baseline_rss(),
+            "largest_image": {"rows": largest["rows"], "columns": largest["columns"],
+                              "stored_bytes": largest["rows"] * largest["columns"] * 2},
+            "settings": {"quick": quick, "files_per_syntax": per_syntax,
+                         "method": "medsim.build.build_index in a fresh process (default bundle, mode, workers, "
+                                   "batch 16); images/s = indexed / the build's wall time; steady = images committed "
+                                   "after the first batch / the time since it (start-up excluded)"}}
+
+
 # ---- the DICOM export ----------------------------------------------------------------------------------------------
 
 
@@ -296,11 +447,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--limit", type=int, help="only the first N labelled images")
+    parser.add_argument("--realistic", action="store_true", help="issue 14: per syntax of the full-resolution "
+                        "export; writes results/realistic_build.json")
+    parser.add_argument("--syntax", action="append", help="realistic: only this syntax (repeatable)")
+    parser.add_argument("--files-per-syntax", type=int, help="realistic: only the first N files of each syntax")
     parser.add_argument("--mode", help="embedding mode for build-index and embed-only (MEDSIM_EMBED_MODE); writes "
                         "results/build_MODE.json, shown beside the default mode's results")
     args = parser.parse_args(argv)
     if args.mode:
         os.environ["MEDSIM_EMBED_MODE"] = args.mode
+    if args.realistic:
+        path = write_result("realistic_build" + (f"_{args.mode}" if args.mode else ""),
+                            run_realistic(args.quick, args.syntax, args.files_per_syntax))
+        say(f"wrote {path}")
+        return 0
     path = write_result(f"build_{args.mode}" if args.mode else "build", run(args.quick, args.limit, score=not args.mode))
     say(f"wrote {path}")
     return 0

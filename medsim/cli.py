@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Similar-case retrieval for chest X-rays: index a PACS export, then find similar cases of "
         "other patients.",
     )
+    parser.add_argument("--version", action="version", version=f"medsim {_version()}")
     # Subcommands whose arguments come from another module add them on first use (_LazyParser), so that
     # `medsim --help` and the other subcommands import nothing heavy (torch, MONAI, OpenCV, hnswlib, Flask).
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_LazyParser)
@@ -79,6 +80,17 @@ def _parser() -> argparse.ArgumentParser:
                      "recall (default: the index's stored operating point, see `medsim calibrate`)")
     cut.add_argument("--threshold", type=float, help="drop results with a similarity below this")
     cut.add_argument("--no-threshold", action="store_true", help="plain top-k, ignoring a stored operating point")
+    filters = query.add_argument_group("filters", "applied inside the search: k results whenever k cases pass")
+    filters.add_argument("--view", choices=("frontal", "lateral", "unknown", "any"),
+                         help="view class of the results (default: the query's own; unknown-view cases included)")
+    filters.add_argument("--sex", choices=("F", "M", "O"), help="patient sex")
+    filters.add_argument("--age", metavar="MIN-MAX", help="patient age range in years, e.g. 40-60, 40- or -60")
+    filters.add_argument("--finding", action="append", metavar="NAME", help="a finding the results have "
+                         "(repeatable: any of them; with --all-findings: all)")
+    filters.add_argument("--all-findings", action="store_true", help="results must have every --finding")
+    filters.add_argument("--modality", action="append", metavar="CODE", help="DICOM modality, e.g. CR (repeatable)")
+    filters.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
+    filters.add_argument("--date-to", metavar="YYYY-MM-DD", help="study date on or before")
     _model_argument(query, help_suffix=" (default: the model the index was built with)")
     query.set_defaults(func=cmd_query)
 
@@ -104,7 +116,36 @@ def _parser() -> argparse.ArgumentParser:
                            "environment variables or a TOML/JSON config file (see docs/api.md).",
                            add_arguments=_add_serve_arguments)
     serve.set_defaults(func=cmd_serve)
+
+    _add_watch_command(sub)
+
+    stack = sub.add_parser("stack", help="the whole sample stack on loopback: Orthanc, the sample studies, the index, "
+                           "and the OHIF viewer with 'Find similar cases' (what `make run` runs)",
+                           description="Start a private Orthanc with DICOMweb, upload the sample studies, build and "
+                           "calibrate the index, and serve the API, the OHIF viewer (the pinned version, fetched "
+                           "with npm at first use) with the medsim plugin and a DICOMweb proxy; print the URL to "
+                           "open. Ctrl-C stops it all. Needs Orthanc and its DICOMweb plugin (Debian: orthanc, "
+                           "orthanc-dicomweb).", add_arguments=_add_stack_arguments)
+    stack.set_defaults(func=cmd_stack)
     return parser
+
+
+def _version() -> str:
+    from medsim import __version__
+
+    return __version__
+
+
+def _add_stack_arguments(parser) -> None:
+    from medsim.stack import add_arguments
+
+    add_arguments(parser)
+
+
+def cmd_stack(args) -> int:
+    from medsim.stack import run_from_args
+
+    return run_from_args(args, medsim_main=main)  # build-index, info and query run in this process
 
 
 class _LazyParser(argparse.ArgumentParser):
@@ -201,15 +242,87 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_watch_command(sub) -> None:
+    watch = sub.add_parser(
+        "watch", help="index new studies as the PACS receives them (Orthanc change feed or QIDO-RS polling); "
+        "remove deleted ones",
+        description="Follow PACS_URL (a DICOMweb URL) and index every new chest radiograph into INDEX with the "
+        "build-index runner (same policy, skip/fail reasons and ledger); studies deleted in the PACS leave the index. "
+        "Orthanc: its change feed (/changes, StableStudy), resumable from the position stored in the index; other "
+        "PACS: QIDO-RS polling by study date. A running `medsim serve` picks the changes up without a restart. "
+        "Runs until Ctrl-C / SIGTERM. See docs/watch.md.")
+    watch.add_argument("pacs_url", metavar="PACS_URL", help="DICOMweb URL, e.g. http://127.0.0.1:8042/dicom-web")
+    watch.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
+    watch.add_argument("--orthanc-url", help="Orthanc's REST root for /changes (default: PACS_URL without /dicom-web)")
+    mode = watch.add_mutually_exclusive_group()
+    mode.add_argument("--poll", action="store_true", help="poll by QIDO-RS even when the change feed answers")
+    mode.add_argument("--changes", action="store_true", help="require Orthanc's change feed (no polling fallback)")
+    watch.add_argument("--interval", type=float, default=2.0, help="seconds between looks at the PACS when idle "
+                       "(default: %(default)s)")
+    watch.add_argument("--reconcile-every", type=float, default=60.0, help="seconds between checks for studies "
+                       "deleted in the PACS (one QIDO-RS listing of all studies; 0: never; default: %(default)s)")
+    watch.add_argument("--listen", metavar="HOST:PORT", help="accept POST /notify here (the Orthanc plugin "
+                       "plugin/orthanc/medsim_notify.py), e.g. 127.0.0.1:8765")
+    _model_argument(watch, help_suffix=" (an existing index: must be its model)")
+    watch.add_argument("--workers", type=int, default=0, help="decoding processes (default: 0, threads of the "
+                       "watcher)")
+    watch.add_argument("--batch-size", type=int, default=16, help="images per embedding batch (default: %(default)s)")
+    watch.add_argument("--any-body-part", action="store_true", help="also index radiographs of other body parts")
+    watch.add_argument("--any-modality", action="store_true", help="index every 2-D image, whatever its modality")
+    watch.add_argument("--once", action="store_true", help="one round (new studies, then deletions) and exit")
+    watch.set_defaults(func=cmd_watch)
+
+
+def cmd_watch(args) -> int:
+    import signal
+
+    from medsim.dicom import ChestPolicy
+    from medsim.model import resolve_bundle
+    from medsim.watch import WatchConfig, Watcher, check_index_model
+
+    if args.model is None and (Path(args.index) / "catalog.sqlite").exists():  # the index's own model
+        from medsim.index import CaseIndex
+        from medsim.search import bundle_for_index
+
+        with CaseIndex.open(args.index) as opened:
+            bundle = bundle_for_index(opened)
+    else:
+        bundle = resolve_bundle(args.model)
+    check_index_model(args.index, bundle)
+    config = WatchConfig(pacs_url=args.pacs_url, index=args.index, orthanc_url=args.orthanc_url,
+                         mode="poll" if args.poll else "changes" if args.changes else "auto", interval=args.interval,
+                         reconcile_every=args.reconcile_every, listen=args.listen, workers=args.workers,
+                         batch_size=args.batch_size,
+                         policy=ChestPolicy(any_body_part=args.any_body_part, any_modality=args.any_modality))
+    watcher = Watcher(config, bundle)
+    print(f"medsim watch: {args.pacs_url} -> index {args.index} (model {bundle.name}); Ctrl-C stops", file=sys.stderr,
+          flush=True)
+    if args.once:
+        while watcher.cycle().more:  # the first round also checks for deletions
+            pass
+        print(f"indexed {watcher.total.indexed}, skipped {watcher.total.skipped}, failed {watcher.total.failed}, "
+              f"removed {watcher.total.removed}", file=sys.stderr)
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: watcher.stop())
+    try:
+        watcher.run()
+    except KeyboardInterrupt:
+        pass
+    print(f"medsim watch: stopped; indexed {watcher.total.indexed}, skipped {watcher.total.skipped}, failed "
+          f"{watcher.total.failed}, removed {watcher.total.removed}", file=sys.stderr, flush=True)
+    return 0
+
+
 def cmd_query(args) -> int:
     from medsim.operating_point import NONE
-    from medsim.search import Searcher
+    from medsim.search import Searcher, parse_filters
 
+    filters = parse_filters(_filter_spec(args))
     with Searcher.open(args.index, model=args.model) as searcher:
         op = searcher.operating_point(k=args.k, threshold=NONE if args.no_threshold else args.threshold,
                                       target_recall=args.target_recall)
         vector, info = searcher.file_query(args.file, patient_id=args.patient_id)
-        result = searcher.search(vector, info, op, include_same_patient=args.include_same_patient)
+        result = searcher.search(vector, info, op, include_same_patient=args.include_same_patient, filters=filters)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -218,6 +331,8 @@ def cmd_query(args) -> int:
           f"{'indexed (stored vector)' if query.indexed else 'embedded now'}"
           f"{'' if args.include_same_patient else '; same-patient cases excluded'}")
     print(_operating_point_line(op.threshold_summary()))
+    if result.filters:
+        print(f"filters: {json.dumps(result.filters.to_dict())}")
     if not result.hits:
         print("no other cases in the index" if op.threshold is None else "no case above the threshold")
         return 0
@@ -313,12 +428,33 @@ def cmd_duplicates(args) -> int:
     return 0
 
 
+def _filter_spec(args) -> dict | None:
+    """`medsim query`'s filter flags as the API's ``filters`` object (medsim.search.parse_filters)."""
+    spec = {}
+    if args.view:
+        spec["view"] = args.view
+    if args.sex:
+        spec["sex"] = args.sex
+    if args.age:
+        spec["age"] = args.age
+    if args.finding:
+        spec["findings"] = {"all" if args.all_findings else "any": args.finding}
+    if args.modality:
+        spec["modality"] = args.modality
+    if args.date_from or args.date_to:
+        spec["study_date"] = {k: v for k, v in (("from", args.date_from), ("to", args.date_to)) if v}
+    return spec or None
+
+
 def _operating_point_line(op: dict | None) -> str:
     if op is None:
         return "operating point: none (plain top-k; `medsim calibrate` stores one with the index)"
     if "target_recall" in op:
-        return (f"operating point: {op['source']}: similarity >= {op['threshold']:.4f} "
-                f"(target list recall@{op['k']} {op['target_recall']:.2f})")
+        size = (op.get("calibrated_on") or {}).get("queries")
+        line = (f"operating point: {op['source']}: similarity >= {op['threshold']:.4f} "
+                f"(target list recall@{op['k']} {op['target_recall']:.2f}")
+        line += f", calibrated on {size} labeled queries)" if size is not None else ")"
+        return line + (f"\nwarning: {op['warning']}" if op.get("warning") else "")
     return f"operating point: {op['source']}: similarity >= {op['threshold']:.4f}"
 
 

@@ -26,6 +26,13 @@ and a JPEG / JPEG-LS / JPEG 2000 frame must have the rows, columns and component
 frame under a 64 x 64 header is refused before it is decoded). Float pixels and the Modality LUT output must be
 finite. The result is checked last: (Rows, Columns) float32, finite, in [0, 1].
 
+Reduced decoding (issue 14): ``read_dicom(path, min_side=N)`` returns an image whose short side is >= N, decoded at
+that resolution where the codec allows it (JPEG 2000 resolution levels, JPEG DCT scaling, block means of memory-mapped
+native pixels; see "Reduced decoding" below); build-index asks for 4 x the model input (medsim.build). Without ``min_side`` (query,
+viewer, evaluation) the full image is returned as before. The frame-size check reads JPEG 2000 headers with OpenJPEG
+(``openjpeg.get_parameters``) and JPEG headers with Pillow, falling back to the SOF segment for JPEG Lossless and
+JPEG-LS (see :func:`jpeg_frame_size`).
+
 Windows (PS3.3 C.11.2.1.2): a window whose width is out of range for its VOI LUT Function (LINEAR: width < 1;
 LINEAR_EXACT and SIGMOID: width <= 0) is invalid and ignored: the next Window Center/Width pair is used, else the
 full data range. A VOI LUT Sequence with an unusable LUT Descriptor is ignored the same way.
@@ -115,6 +122,8 @@ class Radiograph:
     reader: str = "pydicom"
     pixel_hash: str = ""
     attributes: dict = field(default_factory=dict)
+    reduction: int = 1  # the stored image was reduced by this factor per side before the LUTs (1: full resolution)
+    decoder: str = ""  # how the pixels were decoded, e.g. "Pillow/OpenJPEG at 1/4" or "pydicom (gdcm)"
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -130,7 +139,7 @@ def is_dicom_file(path: Path) -> bool:
 def pixel_hash(stored: np.ndarray) -> str:
     """Hash of the decoded stored pixel values and shape: equal for the same pixels under any encoding or UIDs."""
     h = hashlib.sha1(str(stored.shape).encode())
-    h.update(np.ascontiguousarray(stored).tobytes())
+    h.update(np.ascontiguousarray(stored).reshape(-1).view(np.uint8))  # the array's bytes, without a copy
     return h.hexdigest()
 
 
@@ -152,6 +161,7 @@ class PixelElement:
     keyword: str
     length: int | None
     items: list[tuple[int, int]] = field(default_factory=list)
+    offset: int | None = None  # native pixel data: where its value starts in the file (None when deflated)
 
 
 @dataclass
@@ -311,7 +321,8 @@ class _Walker:
                     self.pixels = PixelElement(keyword, None, items)
             else:
                 if keyword:
-                    self.pixels = PixelElement(keyword, length)
+                    offset = self.stream.pos if isinstance(self.stream, _FileStream) else None
+                    self.pixels = PixelElement(keyword, length, offset=offset)
                 self._skip(length, f"element {_tag(tag)}")
 
     def items(self, tag: int, depth: int, encapsulated: bool) -> list[tuple[int, int]]:
@@ -574,10 +585,14 @@ def _is_image_like(ds) -> bool:
     return False
 
 
-def read_dicom(path: str | Path, policy: ChestPolicy = ChestPolicy()) -> Radiograph:
-    """Read, classify and decode one DICOM file. Raises SkipFile or ReadFailure with the reason, nothing else."""
+def read_dicom(path: str | Path, policy: ChestPolicy = ChestPolicy(), min_side: int | None = None) -> Radiograph:
+    """Read, classify and decode one DICOM file. Raises SkipFile or ReadFailure with the reason, nothing else.
+
+    min_side: decode at the resolution a model needs (see "Reduced decoding" below): the returned pixels may be
+    smaller than the header's Rows x Columns, by an integer factor per side, but their short side stays >= min_side.
+    None (default): full resolution."""
     try:
-        return _read_dicom(Path(path), policy)
+        return _read_dicom(Path(path), policy, min_side)
     except (SkipFile, ReadFailure):
         raise
     except MemoryError:
@@ -586,7 +601,7 @@ def read_dicom(path: str | Path, policy: ChestPolicy = ChestPolicy()) -> Radiogr
         raise ReadFailure("corrupt", f"unexpected {type(exc).__name__}: {exc}") from None
 
 
-def _read_dicom(path: Path, policy: ChestPolicy) -> Radiograph:
+def _read_dicom(path: Path, policy: ChestPolicy, min_side: int | None = None) -> Radiograph:
     if not is_dicom_file(path):
         raise SkipFile("not-an-image", "not a DICOM file (no DICM preamble)")
     structure = check_structure(path, policy)
@@ -620,11 +635,24 @@ def _read_dicom(path: Path, policy: ChestPolicy) -> Radiograph:
         _numbers(ds, keyword)
     _check_pixel_data(path, structure, layout)
 
-    stored, reader, rescaled = _decode(ds, path, layout)
-    pixels = to_display(stored, ds, already_rescaled=rescaled)
-    if pixels.shape != (layout.rows, layout.columns) or pixels.dtype != np.float32 or not np.isfinite(pixels).all():
+    decoded = None
+    if min_side:
+        decoded = _decode_reduced(ds, path, structure, layout, min_side)
+    if decoded is None:
+        stored, reader, rescaled = _decode(ds, path, layout)
+        decoded = Decoded(stored, reader, rescaled, pixel_hash(stored), 1, _describe_full(ds, reader))
+        if min_side and stored.ndim == 2:  # no reduced decoder for this syntax: reduce the stored values before LUTs
+            factor = min(layout.rows, layout.columns) // min_side
+            if factor >= 2:
+                decoded.stored, decoded.factor = block_mean(stored, factor), factor
+                decoded.decoder += f", block mean 1/{factor}"
+    stored = decoded.stored
+    pixels = to_display(stored, ds, already_rescaled=decoded.rescaled)
+    expected = reduced_shape(layout.rows, layout.columns, decoded.factor)
+    if pixels.shape != expected or pixels.dtype != np.float32 or not np.isfinite(pixels).all():
         raise ReadFailure("corrupt", f"display image {pixels.shape} {pixels.dtype} does not match the header "
-                                     f"({layout.rows}x{layout.columns}) or is not finite")
+                                     f"({layout.rows}x{layout.columns}, reduced 1/{decoded.factor}: {expected}) or is "
+                                     "not finite")
     tsyntax = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
     return Radiograph(
         pixels=pixels,
@@ -640,8 +668,10 @@ def _read_dicom(path: Path, policy: ChestPolicy) -> Radiograph:
         photometric=layout.photometric,
         transfer_syntax=str(tsyntax),
         bits_stored=layout.bits_stored,
-        reader=reader,
-        pixel_hash=pixel_hash(stored),
+        reader=decoded.reader,
+        pixel_hash=decoded.pixel_hash,
+        reduction=decoded.factor,
+        decoder=decoded.decoder,
     )
 
 
@@ -699,9 +729,9 @@ def _check_pixel_data(path: Path, structure: Structure, layout: Layout) -> None:
 _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7})
 
 
-def jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+def _sof_frame_size(data: bytes) -> tuple[int, int, int] | None:
     """(rows, columns, components) from a JPEG / JPEG-LS codestream's SOF segment; None when not found in ``data``.
-    Rows may be 0 (defined later by a DNL segment)."""
+    Rows may be 0 (defined later by a DNL segment). For the processes no library reads cheaply (see below)."""
     if data[:2] != b"\xff\xd8":
         return None
     i = 2
@@ -726,24 +756,253 @@ def jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:
-    """(rows, columns, components) from a JPEG 2000 codestream's SIZ segment (raw or in a JP2 box); None if absent."""
-    offset = 0
-    if data.startswith(b"\x00\x00\x00\x0cjP  "):
-        offset = 12
-        while offset + 8 <= len(data):
-            length = struct.unpack(">L", data[offset:offset + 4])[0]
-            if data[offset + 4:offset + 8] == b"jp2c":
-                offset += 8
-                break
-            if length < 8:
-                return None
-            offset += length
-    if data[offset:offset + 4] != b"\xff\x4f\xff\x51" or len(data) < offset + 42:
+def jpeg_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG / JPEG-LS codestream; None when ``data`` holds no frame header.
+
+    Baseline, extended 8-bit and progressive JPEG: Pillow's own header reader (libjpeg-turbo's markers, nothing
+    decoded, ~0.5 ms). JPEG Lossless, 12/16-bit and JPEG-LS frames, which Pillow does not open: the SOF segment read
+    here. libjpeg's ``get_parameters`` (pylibjpeg-libjpeg) would read them too, but it sets up a decoder for the
+    whole frame whatever bytes it is given: 0.2 s for a 5.6 MP JPEG Lossless frame, 1.1 s for a 6.6 MP JPEG-LS frame
+    (measured; more than decoding the frame with GDCM), so it is not used on the hot path."""
+    if data[:2] != b"\xff\xd8":
         return None
-    x, y, x0, y0 = struct.unpack(">LLLL", data[offset + 8:offset + 24])
-    components = struct.unpack(">H", data[offset + 40:offset + 42])[0]
-    return y - y0, x - x0, components
+    try:
+        import io
+
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            return image.size[1], image.size[0], len(image.getbands())
+    except Exception:  # not a process Pillow opens: the SOF segment below
+        pass
+    return _sof_frame_size(data)
+
+
+def j2k_frame_size(data: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) of a JPEG 2000 codestream (raw, or in a JP2 box), read by OpenJPEG's own header
+    reader (pylibjpeg-openjpeg ``get_parameters``: the SIZ segment, nothing decoded); None when absent or unreadable."""
+    if not (data.startswith(b"\xff\x4f\xff\x51") or data.startswith(b"\x00\x00\x00\x0cjP  ")):
+        return None
+    try:
+        from openjpeg import get_parameters
+
+        params = get_parameters(data)
+    except Exception:
+        return None
+    return int(params["rows"]), int(params["columns"]), int(params["samples_per_pixel"])
+
+
+# --- Reduced decoding (issue 14) --------------------------------------------------------------------------------------
+#
+# A model that sees 224 x 224 needs far less than a 3,000 x 2,500 radiograph: with ``min_side`` (build-index passes
+# 4 x the model input), the stored values are decoded or reduced to an image whose short side is still >= min_side,
+# *before* the Modality LUT, VOI LUT / window and MONOCHROME1 inversion, which then run unchanged on 4-25 times fewer
+# pixels. How, per transfer syntax (measured in benchmarks/bench_decode.py; docs/performance.md):
+#
+#   native (uncompressed, little endian, 8/16 bit)  the pixel bytes memory-mapped, masked to Bits Stored as pydicom
+#                                                  does, averaged over factor x factor blocks
+#   JPEG 2000 (lossless and lossy)                 OpenJPEG (through Pillow) decodes a lower resolution level: the
+#                                                  wavelet's low-pass band at 1/2, 1/4, 1/8 (no full decode at all);
+#                                                  lossy (9/7): one level less than possible, plus a block mean
+#   JPEG Baseline, 8 bit                           libjpeg-turbo (Pillow ``draft``) scales in the DCT domain: 1/2, 1/4,
+#                                                  1/8
+#   everything else (JPEG Lossless, JPEG-LS, RLE,  full decode with the fastest decoder measured for the syntax
+#   12-bit JPEG, deflated, big endian)            (DECODER_PREFERENCE), then the same block mean
+#
+# Any remaining factor after a codec's power-of-two reduction is a block mean too. Averaging before a pointwise LUT
+# is not bit-identical to averaging after it where a window clips; the preprocessing then area-resamples to 224 px
+# anyway. The test (tests/test_fullres.py) and the benchmark check the embeddings: cosine >= 0.995 per image against
+# the full decode, mAP@10 within 0.005. Colour images and anything a reduced decoder refuses take the full path.
+#
+# pixel_hash of a reduced decode: native data and every fully decoded syntax hash their full stored values exactly as
+# a full decode does. A JPEG 2000 or JPEG Baseline frame decoded at a lower resolution (with build-index's 4 x 224 px:
+# a short side >= 1,792 px) hashes its *encoded* frame ("frame:" prefix): equal for copies of the same file under any UIDs, but not
+# across encodings; the same pixels exported once as JPEG 2000 and once uncompressed are then not an "exact" pair for
+# ``medsim duplicates`` / ``--skip-duplicates`` but a near-duplicate (embedding + pHash). The price of not decoding
+# the full image.
+
+# Full decode: the pydicom decoding plugin to try first, per transfer syntax (fastest measured with identical output;
+# others, then SimpleITK, follow when it fails). Lossless syntaxes give the same values with every decoder; for JPEG
+# Baseline, Pillow (libjpeg-turbo, ISLOW IDCT) is bit-identical to GDCM, pydicom's first choice, on every baseline
+# file of the sample and realistic exports, and 3-5 times faster (pylibjpeg-libjpeg differs by +-1: not used).
+DECODER_PREFERENCE = {
+    "1.2.840.10008.1.2.4.50": "pillow",     # JPEG Baseline 8 bit
+    "1.2.840.10008.1.2.4.57": "pylibjpeg",  # JPEG Lossless process 14
+    "1.2.840.10008.1.2.4.70": "pylibjpeg",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "gdcm",       # JPEG-LS lossless: CharLS in GDCM is ~3x libjpeg's JPEG-LS
+    "1.2.840.10008.1.2.4.81": "gdcm",
+    "1.2.840.10008.1.2.5": "pylibjpeg",     # RLE: pylibjpeg-rle (C) against pydicom's numpy RLE decoder
+}
+_J2K = frozenset({"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"})
+_NATIVE_LE = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"})
+_JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
+# JPEG Baseline is DCT-scaled whenever a reduction is asked for (factor >= 2). Images too small for a reduction are
+# decoded in full (Pillow), which keeps the exact pixel_hash of their stored values.
+MIN_JPEG_DCT_FACTOR = 2
+MAX_J2K_LEVELS = 5  # lower resolution levels tried (1/2 .. 1/32); a codestream with fewer decomposition levels fails
+                    # in the decoder and takes the full path
+
+
+@dataclass
+class Decoded:
+    stored: np.ndarray
+    reader: str
+    rescaled: bool
+    pixel_hash: str
+    factor: int = 1
+    decoder: str = ""
+
+
+def reduced_shape(rows: int, columns: int, factor: int) -> tuple[int, int]:
+    """Shape of an image reduced by ``factor`` per side: partial blocks at the edges count (ceil), as JPEG 2000
+    resolution levels, JPEG DCT scaling and :func:`block_mean` all do."""
+    return -(-rows // factor), -(-columns // factor)
+
+
+def block_mean(stored: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of each factor x factor block (edge blocks: of the pixels they have), float32, (ceil(r/f), ceil(c/f))."""
+    if factor <= 1:
+        return stored
+    rows, cols = stored.shape
+    total = stored[0::factor].astype(np.float32)
+    for k in range(1, factor):
+        part = stored[k::factor]
+        total[:part.shape[0]] += part
+    out = total[:, 0::factor].copy()
+    for k in range(1, factor):
+        part = total[:, k::factor]
+        out[:, :part.shape[1]] += part
+    row_counts = np.minimum(factor, rows - np.arange(0, rows, factor)).astype(np.float32)
+    col_counts = np.minimum(factor, cols - np.arange(0, cols, factor)).astype(np.float32)
+    out /= row_counts[:, None]
+    out /= col_counts[None, :]
+    return out
+
+
+def _describe_full(ds, reader: str) -> str:
+    if reader != "pydicom":
+        return reader
+    tsyntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    plugin = DECODER_PREFERENCE.get(tsyntax)
+    return f"pydicom ({plugin} first)" if plugin else "pydicom"
+
+
+def _decode_reduced(ds, path: Path, structure: Structure, layout: Layout, min_side: int) -> Decoded | None:
+    """A reduced decode of a grey image whose short side is >= 2 x min_side (else None: full decode)."""
+    factor = min(layout.rows, layout.columns) // min_side
+    if factor < 2 or layout.samples != 1 or structure.pixels is None or structure.deflated \
+            or structure.pixels.keyword != "PixelData" or layout.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    tsyntax = structure.transfer_syntax
+    signed = _int(ds, "PixelRepresentation", 0) == 1
+    if tsyntax in _NATIVE_LE and structure.pixels.offset is not None and layout.bits_allocated in (8, 16):
+        return _native_reduced(path, structure.pixels, layout, signed, factor)
+    if tsyntax in _J2K and not signed:
+        return _j2k_reduced(ds, layout, factor)
+    if tsyntax == _JPEG_BASELINE and layout.bits_allocated == 8 and factor >= MIN_JPEG_DCT_FACTOR:
+        return _jpeg_reduced(ds, layout, factor)
+    return None
+
+
+def _native_reduced(path: Path, element: PixelElement, layout: Layout, signed: bool, factor: int) -> Decoded:
+    dtype = np.dtype(("<i" if signed else "<u") + str(layout.bits_allocated // 8))
+    stored = np.memmap(path, dtype=dtype, mode="r", offset=element.offset, shape=(layout.rows, layout.columns))
+    try:
+        if layout.bits_stored < layout.bits_allocated:  # as pydicom: unused high bits cleared / sign extended
+            if signed:
+                shift = layout.bits_allocated - layout.bits_stored
+                stored = (np.asarray(stored) << shift) >> shift
+            else:
+                stored = np.bitwise_and(stored, dtype.type((1 << layout.bits_stored) - 1))
+        stored = np.asarray(stored)  # a plain array (a view of the map when nothing was masked)
+        return Decoded(block_mean(stored, factor), "pydicom", False, pixel_hash(stored), factor,
+                       f"native memory map, block mean 1/{factor}")
+    finally:
+        del stored  # the map is closed when its last view goes
+
+
+def _first_frame(ds) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=1))
+
+
+def _j2k_reduced(ds, layout: Layout, factor: int) -> Decoded | None:
+    """OpenJPEG decodes resolution level r (1/2**r per side) of the codestream, through Pillow (pylibjpeg-openjpeg
+    2.x has no reduce option); the rest of ``factor`` is a block mean."""
+    import io
+
+    from PIL import Image, ImageFile
+
+    frame = _first_frame(ds)
+    size = j2k_frame_size(frame[:CODESTREAM_HEADER_BYTES])
+    if size is None or size != (layout.rows, layout.columns, 1):
+        return None
+    from openjpeg import get_parameters
+
+    precision = int(get_parameters(frame)["precision"])
+    if precision > 16 or precision > layout.bits_allocated:
+        return None
+    level = min(MAX_J2K_LEVELS, factor.bit_length() - 1)
+    if str(ds.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.91" and level >= 2:
+        # lossy (9/7) codestreams: the 9/7 low-pass at 1/4 and beyond is smoother than the area resampling of the
+        # full image (embedding cosine down to 0.9952 on the realistic export); one level less plus a block mean
+        # stays >= 0.9975, at about twice the decode time of the lower level
+        level -= 1
+    try:
+        with Image.open(io.BytesIO(frame)) as image:
+            power = 1 << level
+            # Pillow rounds a reduced size half up; OpenJPEG's is ceil(size / 2**level) for an image at the origin.
+            # Set the tile as Pillow's own ``reduce`` does, with OpenJPEG's size.
+            width, height = reduced_shape(layout.columns, layout.rows, power)
+            tile = image.tile[0]
+            image._reduce = level
+            image._size = (width, height)
+            image.tile = [ImageFile._Tile(tile[0], (0, 0, width, height), tile[2],
+                                          (tile[3][0], level, image.layers, tile[3][3], tile[3][4]))]
+            ImageFile.ImageFile.load(image)
+            array = np.array(image)
+    except Exception:  # fewer decomposition levels than asked, an odd origin, a Pillow without OpenJPEG: full path
+        return None
+    if array.shape != reduced_shape(layout.rows, layout.columns, power):
+        return None
+    if array.dtype == np.uint16 and precision < 16:  # Pillow scales to 16 bits; back to the stored precision
+        array >>= 16 - precision
+    rest = factor // power
+    stored = block_mean(array, rest) if rest >= 2 else array
+    total = power * max(rest, 1)
+    return Decoded(stored, "pydicom", False, _frame_hash(frame), total,
+                   f"OpenJPEG (Pillow) resolution 1/{power}" + (f", block mean 1/{rest}" if rest >= 2 else ""))
+
+
+def _jpeg_reduced(ds, layout: Layout, factor: int) -> Decoded | None:
+    """libjpeg-turbo scales an 8-bit baseline JPEG in the DCT domain (Pillow ``draft``): 1/2, 1/4 or 1/8."""
+    import io
+
+    from PIL import Image
+
+    frame = _first_frame(ds)
+    power = 1 << min(3, factor.bit_length() - 1)
+    want = reduced_shape(layout.rows, layout.columns, power)
+    try:
+        with Image.open(io.BytesIO(frame)) as image:
+            if image.mode != "L" or image.size != (layout.columns, layout.rows):
+                return None
+            # draft() picks the largest scale whose output is at least the size asked for: ask for the floor
+            image.draft("L", (layout.columns // power, layout.rows // power))
+            array = np.array(image)
+    except Exception:
+        return None
+    if array.shape != want:
+        return None
+    rest = factor // power
+    stored = block_mean(array, rest) if rest >= 2 else array
+    return Decoded(stored, "pydicom", False, _frame_hash(frame), power * max(rest, 1),
+                   f"libjpeg-turbo (Pillow) DCT scaling 1/{power}" + (f", block mean 1/{rest}" if rest >= 2 else ""))
+
+
+def _frame_hash(frame: bytes) -> str:
+    return "frame:" + hashlib.sha1(frame).hexdigest()
 
 
 # --- Decoding --------------------------------------------------------------------------------------------------------
@@ -765,7 +1024,7 @@ def _decode(ds, path: Path, layout: Layout | None = None) -> tuple[np.ndarray, s
     if pydicom_can:
         try:
             # pydicom converts YBR to RGB by default, so colour images arrive as RGB.
-            arr = np.asarray(ds.pixel_array)
+            arr = _pixel_array(ds, str(tsyntax) if tsyntax is not None else "")
         except MemoryError:
             raise
         except Exception as exc:  # decoders raise many types; any failure falls through to SimpleITK
@@ -800,6 +1059,25 @@ def _decode(ds, path: Path, layout: Layout | None = None) -> tuple[np.ndarray, s
         arr = arr[0]
     # SimpleITK (GDCM) applies Rescale Slope/Intercept when it reads.
     return _checked(arr, layout, "SimpleITK"), "simpleitk", True
+
+
+def _pixel_array(ds, tsyntax: str) -> np.ndarray:
+    """ds.pixel_array, with the preferred plugin for the syntax first (DECODER_PREFERENCE) when it is available."""
+    plugin = DECODER_PREFERENCE.get(tsyntax)
+    if plugin:
+        from pydicom.pixels import get_decoder
+
+        try:
+            if plugin in get_decoder(tsyntax).available_plugins:
+                ds.pixel_array_options(decoding_plugin=plugin)
+                return np.asarray(ds.pixel_array)
+        except MemoryError:
+            raise
+        except Exception:  # the preferred plugin failed on this file: the others get their turn
+            pass
+        finally:
+            ds.pixel_array_options(decoding_plugin="")
+    return np.asarray(ds.pixel_array)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -82,7 +82,24 @@ CREATE TABLE IF NOT EXISTS files (
     sop_uid TEXT,
     seen_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS removed (
+    id INTEGER PRIMARY KEY,
+    sop_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    patient_id TEXT,
+    source_path TEXT NOT NULL,
+    added_at REAL NOT NULL,
+    removed_at REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS removed_study ON removed (study_uid);
 """
+# `removed`: tombstones of cases taken out of the index (a study deleted in the PACS, `medsim watch`): the case row
+# leaves `cases` (so every read, count and rebuilt graph omits it) and its identity stays here with when and why;
+# its file-ledger rows get status 'removed'. A graph saved before the removal still holds its vector: loading marks
+# every graph element without a case deleted (hnswlib mark_deleted), so a search never returns it. Created by
+# SCHEMA on the first writable open of an older index; read-only readers of an index without it see no tombstones.
 
 # Columns added to `cases` after format 1 shipped, appended by a writable open of an older index (ALTER TABLE ADD
 # COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 256-bit perceptual hash of
@@ -625,14 +642,78 @@ class CaseIndex:
                       for view, n in db.execute("SELECT view, COUNT(*) FROM cases GROUP BY view")},
             "files": status_counts,
             "not_indexed": {f"{s}:{r}": n for s, r, n in reasons},
+            "removed": self.removed_count(),
         }
 
     # ---- search --------------------------------------------------------------------------------------------------
 
     @_catalog_access
+    def filter_ids(self, case_filter: "CaseFilter | None") -> tuple[np.ndarray, frozenset]:
+        """(sorted ids, the same as a set) of the cases that pass ``case_filter``; cached per filter until the catalog
+        changes (a commit by this or another connection), so a repeated filter (the default view filter of every
+        query) costs no table scan."""
+        where, params = (case_filter or CaseFilter()).sql()
+        key = (where, tuple(params))
+        state = (self.data_version(), self._db.total_changes)
+        cache = self.__dict__.setdefault("_filter_cache", {})
+        hit = cache.get(key)
+        if hit is not None and hit[0] == state:
+            return hit[1], hit[2]
+        rows = self._db.execute(f"SELECT id FROM cases WHERE {where} ORDER BY id", params).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        found = (state, ids, frozenset(ids.tolist()), {})
+        if len(cache) >= 32:
+            cache.pop(next(iter(cache)))
+        cache[key] = found
+        return found[1], found[2]
+
+    def filter_vectors(self, case_filter: "CaseFilter") -> np.ndarray | None:
+        """The graph's (normalised) vectors of :meth:`filter_ids`, row for row, for the exact scan of a selective
+        filter; cached with the ids (hnswlib's get_items costs ~50 us a vector). None for a filter that passes too
+        many cases to be scanned."""
+        ids, _ = self.filter_ids(case_filter)
+        where, params = case_filter.sql()
+        entry = self.__dict__["_filter_cache"].get((where, tuple(params)))
+        if entry is None or len(ids) > BRUTE_FORCE_MAX:
+            return None
+        if "vectors" not in entry[3]:
+            entry[3]["vectors"] = (np.asarray(self._graph().get_items(ids), dtype=np.float32) if len(ids)
+                                   else np.zeros((0, self.dim), np.float32))
+        return entry[3]["vectors"]
+
+    @_catalog_access
+    def excluded_ids(self, exclude_patient: str | None = None, exclude_sop_uid: str | None = None) -> frozenset:
+        """Ids of the excluded patient's cases and of the query itself (indexed columns: no scan)."""
+        ids = set()
+        if exclude_patient is not None:
+            ids.update(r[0] for r in self._db.execute("SELECT id FROM cases WHERE patient_id=?",
+                                                      (_sql_text(exclude_patient),)))
+        if exclude_sop_uid is not None:
+            ids.update(r[0] for r in self._db.execute("SELECT id FROM cases WHERE sop_uid=?",
+                                                      (_sql_text(exclude_sop_uid),)))
+        return frozenset(ids)
+
+    def allowed_ids(self, case_filter: "CaseFilter | None" = None, exclude_patient: str | None = None,
+                    exclude_sop_uid: str | None = None) -> np.ndarray:
+        """Sorted ids of the cases that pass ``case_filter`` and are neither the excluded patient's nor the query."""
+        ids, _ = self.filter_ids(case_filter)
+        excluded = self.excluded_ids(exclude_patient, exclude_sop_uid)
+        if excluded:
+            ids = ids[~np.isin(ids, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))]
+        return ids
+
+    @_catalog_access
     def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
-               exclude_sop_uid: str | None = None) -> list[Hit]:
-        """Top-k cases by cosine similarity, best first, without the excluded patient's images or the query itself."""
+               exclude_sop_uid: str | None = None, case_filter: "CaseFilter | None" = None) -> list[Hit]:
+        """Top-k cases by cosine similarity, best first, without the excluded patient's images or the query itself.
+        With ``case_filter``: the top k of the cases that pass it, searched among them only (:func:`filtered_knn`),
+        so k come back whenever k such cases exist."""
+        if case_filter and k > 0:
+            ids, members = self.filter_ids(case_filter)
+            excluded = self.excluded_ids(exclude_patient, exclude_sop_uid)
+            labels, distances = filtered_knn(self._graph(), vector, k, ids, self.meta["ef"], members, excluded,
+                                             self.filter_vectors(case_filter))
+            return [Hit(case=case, score=float(1.0 - d)) for case, d in zip(self.cases(labels), distances.tolist())]
         n = len(self)
         if n == 0 or k <= 0:
             return []
@@ -640,7 +721,11 @@ class CaseIndex:
         fetch = min(n, k + excluded)
         hnsw = self._graph()
         hnsw.set_ef(max(self.meta["ef"], fetch))
-        labels, distances = hnsw.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=fetch)
+        try:
+            labels, distances = hnsw.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=fetch)
+        except RuntimeError:  # fewer than `fetch` found at this breadth (removed cases in the graph): search it all
+            hnsw.set_ef(max(fetch, hnsw.get_current_count()))
+            labels, distances = hnsw.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=fetch)
         hits = []
         for case, distance in zip(self.cases(labels[0]), distances[0]):
             if exclude_patient is not None and case.patient_id == exclude_patient:
@@ -701,6 +786,12 @@ class CaseIndex:
             _ensure_capacity(hnsw, len(missing))
             hnsw.add_items(vectors[mask], ids[mask])
             self._dirty = True
+        for stale in sorted(present - set(ids.tolist())):  # removed cases (tombstones) in a graph saved before
+            try:
+                hnsw.mark_deleted(stale)
+                self._dirty = True
+            except RuntimeError:  # already marked deleted in the saved graph
+                pass
         self._hnsw = hnsw
         return hnsw
 
@@ -834,6 +925,297 @@ class CaseIndex:
         """The hnswlib graph (:meth:`_graph`: loaded, checked and caught up with the catalog on first use); readers
         that hold a snapshot query it directly, with at most ``get_current_count()`` neighbours per query."""
         return self._graph()
+
+    # ---- removal (tombstones) and watcher state (medsim.watch) ---------------------------------------------------
+
+    @_catalog_access
+    def case_ids(self) -> np.ndarray:
+        """The ids of every case, ascending (what a reader's graph may return)."""
+        rows = self._db.execute("SELECT id FROM cases ORDER BY id").fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    @_catalog_access
+    def studies(self, source_prefix: str | None = None) -> set[str]:
+        """The StudyInstanceUIDs of the indexed cases (only those whose source path starts with ``source_prefix``,
+        e.g. one PACS's DICOMweb URL, when given)."""
+        if source_prefix is None:
+            return {r[0] for r in self._db.execute("SELECT DISTINCT study_uid FROM cases")}
+        return {r[0] for r in self._db.execute(
+            "SELECT DISTINCT study_uid FROM cases WHERE typeof(source_path)='text' AND substr(source_path, 1, ?)=?",
+            (len(source_prefix), _sql_text(source_prefix)))}
+
+    @_catalog_access
+    def remove_studies(self, study_uids, reason: str = "deleted-in-pacs", meta: dict | None = None) -> int:
+        """Take every case of these studies out of the index, in one transaction (with ``meta`` rows, e.g. a
+        watcher's position): each case leaves ``cases`` and becomes a tombstone in ``removed`` (identity, when and
+        ``reason``), its file-ledger rows get status 'removed' (a re-upload is indexed again), ``updated_at``
+        changes (so a served snapshot's key changes), and its graph element is marked deleted (saved with the graph).
+        Not a rebuild: the graph keeps marked elements until one. Returns the number of cases removed."""
+        if not self._writable:
+            raise IndexFormatError("index opened read-only")
+        study_uids = sorted({_sql_text(uid) for uid in study_uids})
+        now = time.time()
+        removed: list[int] = []
+        with self._db:
+            for start in range(0, len(study_uids), 500):
+                part = study_uids[start:start + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(f"SELECT id, sop_uid, series_uid, study_uid, patient_id, source_path, "
+                                        f"added_at FROM cases WHERE study_uid IN ({marks})", part).fetchall()
+                if not rows:
+                    continue
+                self._db.executemany("INSERT OR REPLACE INTO removed VALUES (?,?,?,?,?,?,?,?,?)",
+                                     [(*tuple(r), now, _sql_text(reason)) for r in rows])
+                self._db.execute(f"DELETE FROM cases WHERE study_uid IN ({marks})", part)
+                sops = [r["sop_uid"] for r in rows]
+                self._db.execute(f"UPDATE files SET status='removed', reason=?, seen_at=? WHERE sop_uid IN "
+                                 f"({','.join('?' * len(sops))})", [_sql_text(reason), now, *sops])
+                removed += [r["id"] for r in rows]
+            if removed:
+                self._set_meta("updated_at", now)
+            for key, value in (meta or {}).items():
+                self._set_meta(key, value)
+        if removed:
+            hnsw = self._graph()  # loading marks every element without a case deleted
+            for case_id in removed:
+                try:
+                    hnsw.mark_deleted(case_id)
+                except RuntimeError:  # marked already (by the load)
+                    pass
+            self._dirty = True
+        return len(removed)
+
+    def _has_removed_table(self) -> bool:
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='removed'").fetchone() \
+            is not None
+
+    @_catalog_access
+    def removed_count(self) -> int:
+        """Tombstones (cases removed since the index was built); 0 for an index without the table."""
+        return self._db.execute("SELECT COUNT(*) FROM removed").fetchone()[0] if self._has_removed_table() else 0
+
+    @_catalog_access
+    def removed(self, study_uid: str | None = None) -> list[dict]:
+        """The tombstones (of one study, or all), oldest first."""
+        if not self._has_removed_table():
+            return []
+        sql = "SELECT * FROM removed" + (" WHERE study_uid=?" if study_uid else "") + " ORDER BY removed_at, id"
+        rows = self._db.execute(sql, (_sql_text(study_uid),) if study_uid else ()).fetchall()
+        return [{**dict(r), "source_path": _path_from_sql(r["source_path"])} for r in rows]
+
+    @_catalog_access
+    def update_meta(self, values: dict) -> None:
+        """Store several JSON metadata values in one transaction (e.g. a watcher's position in the change feed)."""
+        if not self._writable:
+            raise IndexFormatError("index opened read-only")
+        with self._db:
+            for key, value in values.items():
+                self._set_meta(key, value)
+
+
+# ---- filters (issue 15): which cases a search may return, applied inside the nearest-neighbour search -------------
+
+FRONTAL_VIEWS = ("PA", "AP")
+LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LATERAL LEFT", "LATERAL RIGHT")
+VIEW_CLASSES = ("frontal", "lateral", "unknown")
+SEXES = ("F", "M", "O")
+FINDINGS_MODES = ("any", "all")
+# below this share of the index allowed by a filter, the exact scan of the allowed vectors is used instead of the
+# graph's filtered search (it is faster there, and exact); above it the graph with hnswlib's filter callback
+BRUTE_FORCE_SHARE = 0.05
+BRUTE_FORCE_MAX = 20_000
+
+
+def view_class(view: str | None) -> str:
+    """'frontal' (PA, AP and e.g. 'AP SUPINE'), 'lateral' (LL, RL, LATERAL), or 'unknown' (no or another view, e.g.
+    decubitus or oblique)."""
+    view = (view or "").strip().upper()
+    if view in FRONTAL_VIEWS or view.startswith(tuple(v + " " for v in FRONTAL_VIEWS)):
+        return "frontal"
+    if view in LATERAL_VIEWS:
+        return "lateral"
+    return "unknown"
+
+
+_VIEW_SQL = {
+    "frontal": "(UPPER(view) IN ('PA','AP') OR UPPER(view) LIKE 'PA %' OR UPPER(view) LIKE 'AP %')",
+    "lateral": "(UPPER(view) IN (" + ",".join(f"'{v}'" for v in LATERAL_VIEWS) + "))",
+}
+_VIEW_SQL["unknown"] = f"(NOT {_VIEW_SQL['frontal']} AND NOT {_VIEW_SQL['lateral']})"
+# age in years from a labels column ('58') or DICOM PatientAge ('058Y', '006M', '010W', '003D')
+_AGE_SQL = ("(CASE WHEN json_extract(attributes, '$.age') IS NULL THEN NULL"
+            " WHEN UPPER(CAST(json_extract(attributes, '$.age') AS TEXT)) LIKE '%M'"
+            " THEN CAST(json_extract(attributes, '$.age') AS REAL) / 12.0"
+            " WHEN UPPER(CAST(json_extract(attributes, '$.age') AS TEXT)) LIKE '%W'"
+            " THEN CAST(json_extract(attributes, '$.age') AS REAL) / 52.0"
+            " WHEN UPPER(CAST(json_extract(attributes, '$.age') AS TEXT)) LIKE '%D'"
+            " THEN CAST(json_extract(attributes, '$.age') AS REAL) / 365.0"
+            " ELSE CAST(json_extract(attributes, '$.age') AS REAL) END)")
+_SEX_SQL = "UPPER(SUBSTR(TRIM(COALESCE(json_extract(attributes, '$.sex'), json_extract(attributes, '$.patient_sex'), '')), 1, 1))"
+_DATE_SQL = "REPLACE(COALESCE(json_extract(attributes, '$.study_date'), ''), '-', '')"
+
+
+@dataclass(frozen=True)
+class CaseFilter:
+    """What a search may return. Empty fields do not filter. Case fields used: ``view`` (its class, see
+    :func:`view_class`), ``modality``, ``labels`` and the attributes ``sex`` (F/M/O; labels column or DICOM
+    PatientSex), ``age`` (years, or DICOM PatientAge such as 058Y) and ``study_date`` (YYYYMMDD). A case without
+    the attribute a filter needs does not pass it."""
+
+    views: tuple[str, ...] | None = None  # view classes (VIEW_CLASSES); None or all three = any view
+    sex: str | None = None
+    age_min: float | None = None
+    age_max: float | None = None
+    findings: tuple[str, ...] = ()
+    findings_mode: str = "any"
+    modalities: tuple[str, ...] = ()
+    date_from: str | None = None  # YYYYMMDD, inclusive
+    date_to: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.views is not None and set(self.views) != set(VIEW_CLASSES)) or any(
+            (self.sex, self.age_min is not None, self.age_max is not None, self.findings, self.modalities,
+             self.date_from, self.date_to))
+
+    def sql(self) -> tuple[str, list]:
+        """(WHERE clause, parameters) over the ``cases`` table; '1' when nothing is filtered."""
+        clauses, params = [], []
+        if self.views is not None and set(self.views) != set(VIEW_CLASSES):
+            clauses.append("(" + (" OR ".join(_VIEW_SQL[v] for v in self.views) or "0") + ")")
+        if self.sex:
+            clauses.append(f"{_SEX_SQL} = ?")
+            params.append(self.sex)
+        if self.age_min is not None:
+            clauses.append(f"{_AGE_SQL} >= ?")
+            params.append(float(self.age_min))
+        if self.age_max is not None:
+            clauses.append(f"{_AGE_SQL} <= ?")
+            params.append(float(self.age_max))
+        if self.findings:
+            one = "('|' || LOWER(labels) || '|') LIKE ? ESCAPE '\\'"
+            joiner = " AND " if self.findings_mode == "all" else " OR "
+            clauses.append("(" + joiner.join([one] * len(self.findings)) + ")")
+            params += ["%|" + _like_escape(f.lower()) + "|%" for f in self.findings]
+        if self.modalities:
+            clauses.append(f"UPPER(modality) IN ({','.join('?' * len(self.modalities))})")
+            params += [m.upper() for m in self.modalities]
+        if self.date_from:
+            clauses.append(f"{_DATE_SQL} != '' AND {_DATE_SQL} >= ?")
+            params.append(self.date_from)
+        if self.date_to:
+            clauses.append(f"{_DATE_SQL} != '' AND {_DATE_SQL} <= ?")
+            params.append(self.date_to)
+        return (" AND ".join(clauses) or "1"), params
+
+    def to_dict(self) -> dict:
+        """The filter as the API reports it (only the fields that filter)."""
+        out: dict = {}
+        if self.views is not None:
+            out["view"] = list(self.views)
+        if self.sex:
+            out["sex"] = self.sex
+        if self.age_min is not None or self.age_max is not None:
+            out["age"] = {"min": self.age_min, "max": self.age_max}
+        if self.findings:
+            out["findings"] = {self.findings_mode: list(self.findings)}
+        if self.modalities:
+            out["modality"] = list(self.modalities)
+        if self.date_from or self.date_to:
+            out["study_date"] = {"from": self.date_from, "to": self.date_to}
+        return out
+
+    def matches(self, case: "Case") -> bool:
+        """The same test in Python, for one case (tests, and a check of hits)."""
+        if self.views is not None and view_class(case.view) not in self.views:
+            return False
+        attrs = case.attributes
+        if self.sex and str(attrs.get("sex") or attrs.get("patient_sex") or "").strip()[:1].upper() != self.sex:
+            return False
+        if self.age_min is not None or self.age_max is not None:
+            age = _age_years(attrs.get("age"))
+            if age is None or (self.age_min is not None and age < self.age_min) or (
+                    self.age_max is not None and age > self.age_max):
+                return False
+        if self.findings:
+            have = {label.lower() for label in case.labels}
+            wanted = [f.lower() in have for f in self.findings]
+            if not (all(wanted) if self.findings_mode == "all" else any(wanted)):
+                return False
+        if self.modalities and case.modality.upper() not in {m.upper() for m in self.modalities}:
+            return False
+        date = str(attrs.get("study_date") or "").replace("-", "")
+        if (self.date_from or self.date_to) and not date:
+            return False
+        if self.date_from and date < self.date_from or self.date_to and date > self.date_to:
+            return False
+        return True
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _age_years(value) -> float | None:
+    if value is None or value == "":
+        return None
+    text = str(value).strip().upper()
+    unit = {"Y": 1.0, "M": 12.0, "W": 52.0, "D": 365.0}.get(text[-1:], None)
+    try:
+        return float(text[:-1]) / unit if unit else float(text)
+    except ValueError:
+        return None
+
+
+def filtered_knn(graph, query: np.ndarray, k: int, allowed: np.ndarray, ef: int, members: frozenset | None = None,
+                 excluded: frozenset = frozenset(), allowed_vectors: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(case ids, cosine distances) of the ``k`` nearest of the ``allowed`` case ids (sorted int64, all in
+    ``graph``; ``members``: the same as a set, if at hand) that are not ``excluded``, best first: as many as there
+    are, up to k, always. A selective filter (few allowed cases) scans the allowed vectors exactly; otherwise hnswlib
+    searches its graph with a filter callback, and falls back to the exact scan if it returns fewer than asked (its
+    breadth can miss matches scattered far apart in the graph)."""
+    if excluded:
+        excluded = frozenset(i for i in excluded if (members is not None and i in members) or members is None)
+    available = len(allowed) - (len(excluded) if members is not None else 0)
+    k = min(int(k), available)
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    query = np.asarray(query, dtype=np.float32).reshape(1, -1)
+    total = graph.get_current_count()
+    if len(allowed) > max(BRUTE_FORCE_SHARE * total, 4 * k) and len(allowed) > 2 * k:
+        members = members if members is not None else frozenset(allowed.tolist())
+        graph.set_ef(max(int(ef), 2 * k))
+        accept = members.__contains__ if not excluded else (lambda i: i in members and i not in excluded)
+        try:
+            labels, distances = graph.knn_query(query, k=k, filter=accept)
+            if labels.shape[1] == k:
+                return labels[0].astype(np.int64), distances[0].astype(np.float32)
+        except RuntimeError:  # fewer than k found at this breadth
+            pass
+    if allowed_vectors is not None and len(allowed_vectors) != len(allowed):
+        allowed_vectors = None
+    if excluded:
+        keep = ~np.isin(allowed, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+        allowed = allowed[keep]
+        allowed_vectors = allowed_vectors[keep] if allowed_vectors is not None else None
+    return _exact_knn(graph, query[0], k, allowed, allowed_vectors)
+
+
+def _exact_knn(graph, query: np.ndarray, k: int, allowed: np.ndarray,
+               allowed_vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    q = query / (np.linalg.norm(query) + 1e-30)
+    best_ids, best_d = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    for start in range(0, len(allowed), BRUTE_FORCE_MAX):
+        ids = allowed[start:start + BRUTE_FORCE_MAX]
+        vectors = (allowed_vectors[start:start + BRUTE_FORCE_MAX] if allowed_vectors is not None
+                   else np.asarray(graph.get_items(ids), dtype=np.float32))  # stored normalised (cosine space)
+        d = (1.0 - vectors @ q).astype(np.float32)
+        best_ids, best_d = np.concatenate([best_ids, ids]), np.concatenate([best_d, d])
+        if len(best_ids) > k:
+            keep = np.argpartition(best_d, k - 1)[:k]
+            best_ids, best_d = best_ids[keep], best_d[keep]
+    order = np.lexsort((best_ids, best_d))[:k]
+    return best_ids[order], best_d[order]
 
 
 def _ensure_capacity(hnsw, extra: int) -> None:

@@ -14,7 +14,7 @@ for a target list recall@k plus the recall -> threshold curve). A request then a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,6 +26,11 @@ NONE = "none"
 PUBLIC_KEYS = ("threshold", "target_recall", "k", "definition", "relevance", "relevance_text",
                "include_same_patient", "calibration", "check", "precision_paid", "curve", "created_at",
                "model_fingerprint", "model_name")
+
+
+# A threshold calibrated on fewer labeled queries than this is reported with a warning (issue 15): its recall is an
+# estimate with a wide interval (on 16 queries a "90 %-recall threshold" can miss far more than 10 %).
+MIN_CALIBRATION_QUERIES = 200
 
 
 class OperatingPointError(MedsimError, ValueError):
@@ -43,11 +48,27 @@ class OperatingPoint:
     source: str = ""
     calibrated_k: int | None = None  # the k a stored calibration's recall refers to
     definition: str = ""
+    calibrated_on: dict | None = None  # {"queries", "patients"} a calibrated threshold was fitted on
+    model: str = ""  # the model the calibration was made with
+
+    @property
+    def warning(self) -> str | None:
+        """Why the threshold's recall is not to be trusted as stated, if it is not."""
+        if self.calibrated_on is None:
+            return None
+        queries = self.calibrated_on.get("queries")
+        if not isinstance(queries, int):
+            return "the number of labeled queries this threshold was calibrated on is not recorded"
+        if queries < MIN_CALIBRATION_QUERIES:
+            return (f"calibrated on only {queries} labeled queries (fewer than {MIN_CALIBRATION_QUERIES}): the "
+                    f"{round(100 * (self.target_recall or 0))} % recall is a rough estimate")
+        return None
 
     def to_dict(self) -> dict:
         """The API's view (``operating_point`` of a /similar response)."""
         return {"mode": self.mode, "k": self.k, "threshold": self.threshold, "target_recall": self.target_recall,
-                "source": self.source}
+                "source": self.source, "calibrated_on": self.calibrated_on, "model": self.model or None,
+                "warning": self.warning}
 
     def threshold_summary(self) -> dict | None:
         """The CLI's view (``medsim query --json``): None for plain top-k, else the threshold and where it came from."""
@@ -56,11 +77,11 @@ class OperatingPoint:
         if self.mode == "threshold":
             return {"threshold": self.threshold, "source": self.source}
         return {"threshold": self.threshold, "source": self.source, "target_recall": self.target_recall,
-                "k": self.calibrated_k, "definition": self.definition}
+                "k": self.calibrated_k, "definition": self.definition, "calibrated_on": self.calibrated_on,
+                "warning": self.warning}
 
     def with_k(self, k: int) -> "OperatingPoint":
-        return OperatingPoint(self.mode, k, self.threshold, self.target_recall, self.source, self.calibrated_k,
-                              self.definition)
+        return replace(self, k=k)
 
 
 def stored(meta: dict) -> dict | None:
@@ -71,7 +92,24 @@ def stored(meta: dict) -> dict | None:
 
 def public_view(meta: dict) -> dict | None:
     op = stored(meta)
-    return None if op is None else {key: op[key] for key in PUBLIC_KEYS if key in op}
+    if op is None:
+        return None
+    view = {key: op[key] for key in PUBLIC_KEYS if key in op}
+    view["calibrated_on"] = calibrated_on(op)
+    warning = OperatingPoint("calibrated", 0, target_recall=op.get("target_recall"),
+                             calibrated_on=view["calibrated_on"]).warning
+    view["warning"] = warning
+    return view
+
+
+def calibrated_on(op: dict) -> dict:
+    """{"queries", "patients"} of the labeled queries a stored operating point was calibrated on (None if unknown)."""
+    data = op.get("data") if isinstance(op.get("data"), dict) else {}
+    out = {}
+    for key, name in (("queries", "calibration_queries"), ("patients", "calibration_patients")):
+        value = data.get(name)
+        out[key] = value if isinstance(value, int) and not isinstance(value, bool) else None
+    return out
 
 
 def threshold_for_recall(op: dict | None, target_recall: float | None = None) -> float:
@@ -123,4 +161,6 @@ def resolve(meta: dict, *, k: int | None = None, threshold: float | str | None =
     return OperatingPoint(mode, cap(k or int(calibrated.get("k") or default_k)), threshold=value,
                           target_recall=float(target_recall if target_recall is not None
                                               else calibrated["target_recall"]),
-                          source=source, calibrated_k=calibrated["k"], definition=calibrated["definition"])
+                          source=source, calibrated_k=calibrated["k"], definition=calibrated["definition"],
+                          calibrated_on=calibrated_on(calibrated),
+                          model=str(calibrated.get("model_name") or meta.get("model_name") or ""))

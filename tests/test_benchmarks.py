@@ -75,3 +75,36 @@ def test_dicom_export_keeps_the_pixels(tmp_path):
         assert exported.modality == "DX" and exported.reader == "pydicom"
         np.testing.assert_array_equal(exported.pixels, read_any(original).pixels)
     assert export_dicom(SHARED_CXR, tmp_path / "export", limit=3) == info  # cached
+
+
+def test_full_resolution_section_and_goals_are_rendered(tmp_path):
+    """Issue 14: results/decode_realistic.json and results/realistic_build.json become section 6 and goal rows."""
+    results = tmp_path / "results"
+    results.mkdir()
+    machine = {"cpu": "test cpu", "logical_cpus": 2}
+    decode = {"created_at": "now", "machine": machine, "load_average_before": [3.0], "load_average_after": [3.5],
+              "export": {"files": 14, "bytes": 1e8, "megapixels_median": 6.5},
+              "summary": [{"syntax": "j2k-lossless", "files_timed": 2, "megapixels_median": 6.5,
+                           "decoder": "OpenJPEG (Pillow) resolution 1/4", "pylibjpeg_images_per_s": 1.0,
+                           "pylibjpeg_megapixels_per_s": 6.5, "medsim_full_images_per_s": 0.8,
+                           "medsim_reduced_images_per_s": 8.0}],
+              "quality": {"bundle": "b", "mode": "m", "images": 14, "gallery": 10, "min_cosine": 0.997,
+                          "mean_cosine": 0.999, "cosine_ok": True, "mAP@10_full": 0.5, "mAP@10_reduced": 0.499,
+                          "mAP_delta": -0.001, "mAP_ok": True,
+                          "per_syntax": {"j2k-lossless": {"images": 2, "min_cosine": 0.997, "mean_cosine": 0.998,
+                                                          "mAP@10_full": 0.5, "mAP@10_reduced": 0.49}}}}
+    build = {"created_at": "now", "machine": machine, "worker_baseline_rss_bytes": 300 * 2**20,
+             "largest_image": {"rows": 3500, "columns": 2800, "stored_bytes": 3500 * 2800 * 2},
+             "builds": {"j2k-lossless": {"indexed": 72, "images_per_s": 6.0, "steady_images_per_s": 7.0,
+                                         "embed_only_images_per_s": 7.5, "decode_only_images_per_s": 8.0,
+                                         "ratio_steady_to_min_embed_decode": 0.93, "ratio_steady_to_embed_only": 0.93,
+                                         "peak_rss_main_bytes": 900 * 2**20, "peak_rss_worker_bytes": 400 * 2**20,
+                                         "load_average_before": [3.0], "load_average_after": [3.2], "workers": 1,
+                                         "mode": "channels_last"}}}
+    (results / "decode_realistic.json").write_text(json.dumps(decode))
+    (results / "realistic_build.json").write_text(json.dumps(build))
+    text = report.write(results=results, docs=tmp_path, plots=tmp_path / "images").read_text()
+    assert "## 6. Full-resolution PACS export (issue 14)" in text and "JPEG 2000 lossless" in text
+    assert "OpenJPEG (Pillow) resolution 1/4" in text and "10.0×" in text
+    assert "≥ 90 % of min(embed-only, decode-only) (JPEG 2000 lossless) | 93 %" in text
+    assert "cosine reduced vs full ≥ 0.995" in text and "## 3. Build-index end to end" in text

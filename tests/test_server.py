@@ -47,6 +47,7 @@ def stored_vector(pacs, sop_uid):
 def test_query_by_indexed_uids(client, pacs, service):
     query = pacs.indexed[0]
     body = similar(client, **query.uids, k=5, threshold="none", group_by="image")
+    assert body["query"].pop("transfer_syntax", "").startswith("1.2.840.10008.1.2")  # issue 15: for the viewer
     assert body["query"] == {**query.uids, "view": "AP", "indexed": True, "source": "index",
                              "patient": service.patient_ref(query.patient_id)}
     assert body["operating_point"]["mode"] == "top-k" and body["operating_point"]["k"] == 5
@@ -64,8 +65,9 @@ def test_query_by_indexed_uids(client, pacs, service):
         assert row["labels"] == [v for v in case.labels.split("|") if v]
         assert row["patient"] == service.patient_ref(case.patient_id) and row["patient"].startswith("anon-")
         assert row["view"] in ("AP", "PA")
-        assert re.fullmatch(rf"/api/v1/cases/{UID}/thumbnail", row["thumbnail_url"])
-        assert row["viewer_url"] == f"/viewer?StudyInstanceUIDs={case.study_uid}"
+        # absolute (issue 15): a viewer on another origin can load them without --public-url
+        assert re.fullmatch(rf"http://localhost/api/v1/cases/{UID}/thumbnail", row["thumbnail_url"])
+        assert row["viewer_url"] == f"http://localhost/viewer?StudyInstanceUIDs={case.study_uid}"
         assert case.patient_id != query.patient_id
     assert set(body) >= {"query", "operating_point", "results", "group_by", "include_same_patient", "model",
                          "took_ms"}
@@ -81,6 +83,7 @@ def test_query_by_sop_uid_alone_when_indexed(client, pacs):
 def test_query_by_non_indexed_uids_fetches_from_the_pacs(client, pacs, service):
     query = pacs.pacs_only[0]  # JPEG 2000 lossless: fetched as stored, decoded here
     body = similar(client, **query.uids, k=6, threshold="none", group_by="image")
+    assert body["query"].pop("transfer_syntax", "").startswith("1.2.840.10008.1.2")  # issue 15: for the viewer
     assert body["query"] == {**query.uids, "view": "AP", "indexed": False, "source": "pacs",
                              "patient": service.patient_ref(query.patient_id)}
     vector = service.embed(read_dicom(query.path))

@@ -1,8 +1,8 @@
 """The app factory and the production server.
 
 ``create_app(settings)`` builds the Flask app: the versioned API blueprint ``/api/v1`` (similar, cases, index; bearer
-tokens checked on the blueprint), ``/healthz``, the OpenAPI document, JSON errors (never naming server paths), the
-Host-header allow-list (every route), CORS, request ids and the audit log.
+tokens checked on the blueprint), ``/healthz``, ``/metrics`` (Prometheus), the OpenAPI document, JSON errors (never
+naming server paths), the Host-header allow-list (every route), CORS, request ids and the audit log.
 Further blueprints (the viewer's static files and the DICOMweb proxy to the PACS) register beside the API blueprint
 with their own rules, through ``extra_blueprints`` or on the returned app.
 
@@ -18,7 +18,8 @@ from importlib import resources
 
 from flask import Blueprint, Flask, Response
 
-from medsim.server import cases, errors, health, index, security, similar
+from medsim import __version__
+from medsim.server import cases, errors, explain, health, index, metrics, security, similar
 from medsim.server.settings import Settings
 from medsim.server.state import Service
 
@@ -47,10 +48,11 @@ def create_app(settings: Settings, service: Service | None = None, extra_bluepri
     app.config["MEDSIM_AUDIT_LOGGER"] = security.configure_audit_log(settings.audit_log)
     errors.register(app)
     security.register(app)
+    metrics.register(app)  # /metrics and the request counters (Prometheus text format)
 
     api = Blueprint("api", __name__, url_prefix=API_PREFIX)
     security.require_token(api)
-    for module in (similar, cases, index):
+    for module in (similar, cases, index, explain):
         api.register_blueprint(module.blueprint())
     app.register_blueprint(api)
     app.register_blueprint(health.blueprint())
@@ -75,13 +77,15 @@ def serve(settings: Settings) -> None:
     import waitress
 
     settings.validate()
+    log_format = security.configure_logging()  # JSON lines with the request id (MEDSIM_LOG_FORMAT=text: plain)
     app = create_app(settings)
     service: Service = app.extensions["medsim"]
     stats = service.stats()
-    log.info("medsim serve: index %s (%d cases, model %s %s); PACS %s; auth %s; listening on http://%s:%d",
-             settings.index, stats["cases"], stats["model"]["name"], stats["model"]["fingerprint"],
-             settings.pacs_url or "none", "bearer tokens" if app.config["MEDSIM_TOKENS"] else "off (loopback only)",
-             settings.host, settings.port)
+    log.info("medsim serve %s: index %s (%d cases, model %s %s); PACS %s; auth %s; listening on http://%s:%d; "
+             "logs: %s", __version__, settings.index, stats["cases"], stats["model"]["name"],
+             stats["model"]["fingerprint"], settings.pacs_url or "none",
+             "bearer tokens" if app.config["MEDSIM_TOKENS"] else "off (loopback only)", settings.host, settings.port,
+             log_format)
 
     def _stop(signum, frame):  # SIGTERM (systemd, docker stop) ends the server like Ctrl-C, through the finally below
         raise SystemExit(0)

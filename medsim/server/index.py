@@ -44,6 +44,15 @@ def _index_info(service: Service, snapshot):
         "views": stats["views"],
         "created_at": stats["created_at"],
         "updated_at": stats["updated_at"],
+        "removed": stats.get("removed", 0),
+        "loaded_at": snapshot.loaded_at,
+        "watch": _watch_view(snapshot.meta.get("watch")),
         "pacs_configured": service.pacs is not None,
     })
 
+
+def _watch_view(state) -> dict | None:
+    """What `medsim watch` stored about its position in the PACS (no URL: the PACS may be internal)."""
+    if not isinstance(state, dict):
+        return None
+    return {k: state.get(k) for k in ("mode", "last_change", "study_date", "checked_at") if k in state}

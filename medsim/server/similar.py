@@ -8,8 +8,10 @@ The query image is named by UIDs (JSON) or uploaded (multipart ``file`` field, o
 * Upload: a DICOM Part 10 file; parameters as form fields or in the query string.
 
 Parameters: ``k`` (1..max_k), ``threshold`` (cosine, -1..1) or ``target_recall`` (0..1], ``include_same_patient``
-(default false), ``group_by`` = ``study`` (default; one row per study: its best image) or ``image``.
-See :mod:`medsim.operating_point` for how k and thresholds combine.
+(default false), ``group_by`` = ``study`` (default; one row per study: its best image) or ``image``, ``filters``
+(an object, see :func:`medsim.search.parse_filters`; a JSON string in a form or query string): applied inside the
+nearest-neighbour search, so k rows come back whenever k cases pass them; by default only cases of the query's own
+view class (frontal/lateral) answer. See :mod:`medsim.operating_point` for how k and thresholds combine.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ from flask import Blueprint, current_app, jsonify, request
 
 from medsim import operating_point
 from medsim.dicomweb import is_uid
-from medsim.search import QueryInfo
+from medsim.search import FilterError, QueryInfo, for_query, parse_filters
 from medsim.server.errors import ApiError, error_response
 from medsim.server.security import audit
-from medsim.server.state import CachedQuery, ServerBusy, Service
 from medsim.server.settings import Settings
+from medsim.server.state import CachedQuery, ServerBusy, Service
 
 UID_FIELDS = ("study_uid", "series_uid", "sop_uid")
-PARAMETERS = ("k", "threshold", "target_recall", "include_same_patient", "group_by")
+PARAMETERS = ("k", "threshold", "target_recall", "include_same_patient", "group_by", "filters")
 GROUP_BY = ("study", "image")
 
 
@@ -103,16 +105,19 @@ def _similar(service: Service):
                        f"not {mimetype or 'a body without Content-Type'}")
     include_same_patient = params.get("include_same_patient", False)
     group_by = params.get("group_by", "study")
-    rows = rank(service, vector, info, op, group_by, include_same_patient)
+    filters = for_query(params.get("filters"), info.view)  # the default view filter: the query's own class
+    rows = rank(service, vector, info, op, group_by, include_same_patient, filters)
     audit(sop_uid=info.sop_uid, indexed=info.indexed, k=op.k, mode=op.mode, group_by=group_by,
           include_same_patient=include_same_patient, results=len(rows))
     return jsonify({
         "query": {"study_uid": info.study_uid, "series_uid": info.series_uid, "sop_uid": info.sop_uid,
                   "view": info.view, "indexed": info.indexed, "source": source,
+                  "transfer_syntax": info.transfer_syntax or None,
                   "patient": service.patient_ref(info.patient_id, settings.pseudonymize_patient_ids)},
         "operating_point": op.to_dict(),
         "group_by": group_by,
         "include_same_patient": include_same_patient,
+        "filters": filters.to_dict(),
         "model": {"name": service.index.meta.get("model_name"), "fingerprint": service.index.model_fingerprint},
         "results": [_row(service, settings, rank_, hit, images) for rank_, (hit, images) in enumerate(rows, 1)],
         "took_ms": round(1000 * (time.perf_counter() - started), 1),
@@ -235,6 +240,19 @@ def parse_parameters(fields: dict, typed: bool) -> dict:
         if fields["group_by"] not in GROUP_BY:
             bad("group_by", "'study' or 'image'")
         params["group_by"] = fields["group_by"]
+    if fields.get("filters") is not None:
+        spec = fields["filters"]
+        if not typed:
+            try:
+                spec = json.loads(spec) if isinstance(spec, str) and len(spec) <= 8192 else None
+            except (ValueError, RecursionError):
+                spec = None
+            if not isinstance(spec, dict):
+                bad("filters", "a JSON object")
+        try:
+            params["filters"] = parse_filters(spec)
+        except FilterError as exc:
+            raise ApiError(400, "invalid-parameter", str(exc)) from None
     return params
 
 
@@ -282,7 +300,7 @@ def _query_by_upload(service: Service, data: bytes):
 
 
 def rank(service: Service, vector, info: QueryInfo, op: operating_point.OperatingPoint, group_by: str,
-         include_same_patient: bool) -> list:
+         include_same_patient: bool, filters=None) -> list:
     """[(best hit, images of its study among the hits)] best first: up to op.k rows, each >= op.threshold.
 
     Asks the index for more neighbours until there are k rows (studies or images), the threshold cuts the list
@@ -290,7 +308,7 @@ def rank(service: Service, vector, info: QueryInfo, op: operating_point.Operatin
     total = service.size
     fetch = min(total, op.k if group_by == "image" else op.k * 2)
     while True:
-        kept = service.search(vector, info, op.with_k(fetch), include_same_patient)
+        kept = service.searcher.search(vector, info, op.with_k(fetch), include_same_patient, filters).hits
         if group_by == "study":
             studies: OrderedDict = OrderedDict()
             for hit in kept:
@@ -321,9 +339,16 @@ def _row(service: Service, settings: Settings, rank_: int, hit, images: int) -> 
     }
 
 
+def url_prefix(settings: Settings) -> str:
+    """The absolute root of URLs in responses: ``public_url`` when set (a server behind a proxy), else this request's
+    own scheme, host and script root. Absolute, so thumbnails and links work from a viewer on another origin; the
+    Host header was checked against the allowed hosts (medsim.server.security) before any handler ran."""
+    return settings.public_url.rstrip("/") or request.url_root.rstrip("/")
+
+
 def thumbnail_url(service: Service, sop_uid: str, settings: Settings | None = None) -> str:
     settings = settings or app_settings()
-    prefix = settings.public_url.rstrip("/") or request.script_root
+    prefix = url_prefix(settings)
     url = f"{prefix}/api/v1/cases/{_quote(sop_uid)}/thumbnail"
     if current_app.config["MEDSIM_TOKENS"]:
         ttl = settings.thumbnail_url_ttl
@@ -336,8 +361,8 @@ def viewer_url(service: Service, case, settings: Settings | None = None) -> str:
     settings = settings or app_settings()
     url = settings.viewer_url_template.format(study_uid=_quote(case.study_uid), series_uid=_quote(case.series_uid),
                                               sop_uid=_quote(case.sop_uid))
-    if url.startswith("/") and settings.public_url:
-        url = settings.public_url.rstrip("/") + url
+    if url.startswith("/") and not url.startswith("//"):
+        url = url_prefix(settings) + url
     return url
 
 

@@ -106,7 +106,8 @@ class Snapshot:
                 index.require_model(model_fingerprint)  # an index rebuilt with another model is never swapped in
             key = index.state_key()
             graph = index.graph()
-            ids = np.sort(np.asarray(graph.get_ids_list(), dtype=np.int64))
+            # the graph's ids that are cases: removed cases (tombstones) stay in a graph as elements marked deleted
+            ids = np.intersect1d(np.asarray(graph.get_ids_list(), dtype=np.int64), index.case_ids())
             stats = index.stats()
             stats["cases"] = int(len(ids))  # what is searched, whatever the catalog committed meanwhile
             snapshot = cls(index=index, graph=graph, ids=ids, key=key, stats=stats, loaded_at=time.time())
@@ -169,11 +170,25 @@ class Snapshot:
         return [found[i] for i in ids if found.get(i) is not None]
 
     def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
-               exclude_sop_uid: str | None = None) -> list[Hit]:
+               exclude_sop_uid: str | None = None, case_filter=None) -> list[Hit]:
         """:meth:`CaseIndex.search` over this snapshot: at most ``count`` neighbours are asked of the graph."""
         n = self.count
         if n == 0 or k <= 0:
             return []
+        if case_filter:  # issue 15: searched among the cases that pass the filter only (medsim.index.filtered_knn)
+            from medsim.index import filtered_knn
+
+            with self.lock:
+                allowed, members = self.index.filter_ids(case_filter)  # cached per filter until the catalog changes
+                excluded = self.index.excluded_ids(exclude_patient, exclude_sop_uid)
+                if self.index.state_key() != self.key:  # the catalog moved on: keep this snapshot's cases only
+                    allowed = allowed[np.isin(allowed, self.ids, assume_unique=True)]
+                    members, vectors = frozenset(allowed.tolist()), None
+                else:
+                    vectors = self.index.filter_vectors(case_filter)
+                labels, distances = filtered_knn(self.graph, vector, k, allowed, int(self.meta["ef"]), members,
+                                                 excluded, vectors)
+            return [Hit(case=c, score=float(1.0 - d)) for c, d in zip(self.cases(labels), distances.tolist())]
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         with self.lock:
             excluded = self.index.patient_image_count(exclude_patient) + (1 if exclude_sop_uid else 0)
@@ -182,7 +197,7 @@ class Snapshot:
             try:
                 labels, distances = self.graph.knn_query(query, k=fetch)
             except RuntimeError:  # hnswlib found fewer than `fetch` at this breadth: search the whole graph
-                self.graph.set_ef(n)
+                self.graph.set_ef(max(n, self.graph.get_current_count()))  # marked-deleted elements included
                 labels, distances = self.graph.knn_query(query, k=fetch)
         by_id = {case.id: case for case in self.cases(labels[0])}
         hits = []
@@ -339,8 +354,8 @@ class ServedIndex:
         return self.snapshot().cases(ids)
 
     def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
-               exclude_sop_uid: str | None = None) -> list[Hit]:
-        return self.snapshot().search(vector, k, exclude_patient, exclude_sop_uid)
+               exclude_sop_uid: str | None = None, case_filter=None) -> list[Hit]:
+        return self.snapshot().search(vector, k, exclude_patient, exclude_sop_uid, case_filter)
 
     def require_model(self, fingerprint: str) -> None:
         self.snapshot().index.require_model(fingerprint)
@@ -455,8 +470,9 @@ class Service:
             return self._embedder.embed_prepared([prepared])[0]
 
     def radiograph_from_bytes(self, data: bytes, policy: ChestPolicy | None = None,
-                              wait: float | None = None) -> Radiograph:
-        """Read DICOM Part 10 bytes (a temporary file, so the SimpleITK fallback can read it too).
+                              wait: float | None = None, min_side: int | None = None) -> Radiograph:
+        """Read DICOM Part 10 bytes (a temporary file, so the SimpleITK fallback can read it too); ``min_side``: see
+        :func:`medsim.dicom.read_dicom`.
 
         Memory is bounded before anything is decoded: the reader checks the header under the server's limits (at most
         ``max_decode_pixels`` pixels, the pixel data it declares, a deflated file inflating to at most
@@ -472,7 +488,7 @@ class Service:
             try:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
-                radiograph = read_dicom(name, self._limited(policy))
+                radiograph = read_dicom(name, self._limited(policy), min_side=min_side)
             except MedsimError:
                 raise
             except MemoryError:
@@ -493,12 +509,12 @@ class Service:
                        max_inflated_bytes=self.settings.max_inflated_bytes)
 
     def fetch_radiograph(self, study_uid: str, series_uid: str, sop_uid: str,
-                         policy: ChestPolicy | None = None) -> Radiograph:
+                         policy: ChestPolicy | None = None, min_side: int | None = None) -> Radiograph:
         """An instance from the PACS, decoded like an upload; it waits for a decode slot as long as a PACS transfer
         may take (the viewer asks for a page of thumbnails at once), not just ``decode_queue_timeout``."""
         data = self.pacs.retrieve_instance(study_uid, series_uid, sop_uid)
         wait = max(self.settings.decode_queue_timeout, 3 * self.settings.pacs_timeout)
-        return self.radiograph_from_bytes(data, policy, wait=wait)
+        return self.radiograph_from_bytes(data, policy, wait=wait, min_side=min_side)
 
     def pacs_health(self, max_age: float = 5.0) -> tuple[bool, str]:
         if self.pacs is None:
@@ -582,18 +598,20 @@ class Thumbnails:
         return data
 
     def _radiograph(self, case: Case) -> Radiograph:
-        from medsim.ingest import read_any
+        from medsim.build import REDUCED_MIN_SIDE_FACTOR, read_for_index
         from medsim.server.errors import ApiError
 
         policy = ChestPolicy(any_body_part=True, any_modality=True)
         source = case.source_path
+        image_size = self.service.searcher.bundle.preprocess.image_size  # read as build-index did: same pixel hash
         if source and not is_dicomweb_url(source) and Path(source).is_file():
-            radiograph, origin = read_any(source, policy=policy), "the indexed file"
+            radiograph, origin = read_for_index(source, policy, image_size), "the indexed file"
         elif self.service.pacs is None:
             raise ApiError(404, "image-unavailable", f"the image of {case.sop_uid} is no longer where it was indexed "
                            "and no PACS is configured to fetch it from")
         else:
-            radiograph = self.service.fetch_radiograph(case.study_uid, case.series_uid, case.sop_uid, policy)
+            radiograph = self.service.fetch_radiograph(case.study_uid, case.series_uid, case.sop_uid, policy,
+                                                       min_side=REDUCED_MIN_SIDE_FACTOR * image_size)
             origin = "the PACS's instance"
         self.check(case, radiograph, origin)
         return radiograph

@@ -75,7 +75,25 @@ export function queryFromInstance(instance, fallback = {}) {
     modality: (str(instance.Modality) || str(fallback.Modality)).toUpperCase(),
     bodyPart: (str(instance.BodyPartExamined) || str(fallback.BodyPartExamined)).toUpperCase(),
   };
+  const transferSyntax = str(instance.AvailableTransferSyntaxUID) || str(instance.TransferSyntaxUID);
+  if (transferSyntax) {
+    query.transferSyntax = transferSyntax;
+  }
   return query.sop_uid ? query : null;
+}
+
+/** Transfer syntaxes OHIF 3.13's image loader cannot decode: the viewport stays black for them. */
+export const UNDRAWABLE_TRANSFER_SYNTAXES = Object.freeze({
+  '1.2.840.10008.1.2.1.99': 'Deflated Explicit VR Little Endian',
+});
+
+/** Why the viewer cannot draw an image of this transfer syntax (a sentence for the panel), or ''. */
+export function undrawableReason(transferSyntax) {
+  const name = UNDRAWABLE_TRANSFER_SYNTAXES[str(transferSyntax)];
+  return name
+    ? `The viewer cannot draw this image (${name} transfer syntax), so the viewport stays black; ` +
+      'similar cases are still found: medsim decodes it itself.'
+    : '';
 }
 
 /** An error state before any request: no image, or an image that cannot be a chest radiograph. Else null. */
@@ -100,8 +118,9 @@ export function precheck(query) {
   return null;
 }
 
-/** The JSON body of POST /similar. `showAnyway`: the plain top k, ignoring the calibrated threshold. */
-export function similarRequest(query, { showAnyway = false, k } = {}) {
+/** The JSON body of POST /similar. `showAnyway`: the plain top k, ignoring the calibrated threshold;
+ * `filters`: the API's filters object (chips), left out when empty. */
+export function similarRequest(query, { showAnyway = false, k, filters } = {}) {
   const body = { study_uid: query.study_uid, series_uid: query.series_uid, sop_uid: query.sop_uid };
   if (showAnyway) {
     body.threshold = 'none';
@@ -109,7 +128,49 @@ export function similarRequest(query, { showAnyway = false, k } = {}) {
   } else if (k) {
     body.k = k;
   }
+  if (filters && Object.keys(filters).length) {
+    body.filters = filters;
+  }
   return body;
+}
+
+/** The filter chips of the panel: id → the part of the API's `filters` object it sets (one chip per group). */
+export const FILTER_CHIPS = Object.freeze([
+  { id: 'view-frontal', group: 'view', label: 'Frontal', value: 'frontal' },
+  { id: 'view-lateral', group: 'view', label: 'Lateral', value: 'lateral' },
+  { id: 'view-any', group: 'view', label: 'Any view', value: 'any' },
+  { id: 'sex-F', group: 'sex', label: 'Female', value: 'F' },
+  { id: 'sex-M', group: 'sex', label: 'Male', value: 'M' },
+  { id: 'findings-query', group: 'findings', label: 'Same findings', value: 'query' },
+]);
+
+/** The API's filters object for the chips that are on (`active`: {group: chip id}); `queryLabels` for "same
+ * findings" (a chip that needs them is left out while they are unknown). */
+export function filtersFromChips(active = {}, queryLabels = null) {
+  const filters = {};
+  for (const chip of FILTER_CHIPS) {
+    if (active[chip.group] !== chip.id) {
+      continue;
+    }
+    if (chip.group === 'findings') {
+      if (queryLabels && queryLabels.length) {
+        filters.findings = { any: queryLabels.slice(0, 50) };
+      }
+    } else {
+      filters[chip.group] = chip.value;
+    }
+  }
+  return filters;
+}
+
+/** GET /explain for a hit of `query` (the query's study and series too when it is not indexed). */
+export function explainUrl(apiRoot, query, hitSopUid, { indexed = true, size = 96 } = {}) {
+  const params = new URLSearchParams({ query: query.sop_uid, hit: hitSopUid, size: String(size) });
+  if (!indexed) {
+    params.set('study_uid', query.study_uid);
+    params.set('series_uid', query.series_uid);
+  }
+  return joinUrl(apiRoot, `explain?${params.toString()}`);
 }
 
 // ---- viewer workaround ----------------------------------------------------------------------------------------------
@@ -346,6 +407,22 @@ export function operatingPointText(op) {
   return `operating point: ${op.mode}${threshold}${k}`;
 }
 
+/** Which model answered and what its threshold was calibrated on, e.g. "model vgg16-imagenet-gap · threshold
+ * calibrated on 16 labeled queries (8 patients)". */
+export function calibrationText(op, model) {
+  const bits = [];
+  const name = (model && model.name) || (op && op.model) || '';
+  if (name) {
+    bits.push(`model ${name}`);
+  }
+  const on = op && op.calibrated_on;
+  if (on && typeof on.queries === 'number') {
+    const patients = typeof on.patients === 'number' ? ` (${on.patients} patients)` : '';
+    bits.push(`threshold calibrated on ${on.queries} labeled queries${patients}`);
+  }
+  return bits.join(' · ');
+}
+
 /** Whether the empty answer was cut by a threshold (then "show top k anyway" can help). */
 export function hasThreshold(op) {
   return !!op && op.mode !== 'top-k' && typeof op.threshold === 'number';
@@ -426,6 +503,9 @@ export function toViewModel(response, { studies = {}, queryLabels = null, urls =
     },
     operatingPoint: op,
     operatingPointText: operatingPointText(op),
+    calibrationText: calibrationText(op, response?.model),
+    operatingPointWarning: (op && op.warning) || '',
+    filters: response?.filters || {},
     includeSamePatient: !!response?.include_same_patient,
     groupBy: response?.group_by || 'study',
     items,
@@ -444,6 +524,9 @@ export const initialState = Object.freeze({
   error: null,
   studies: {},
   queryLabels: null,
+  chips: {},
+  explain: false,
+  overlays: {},
 });
 
 /**
@@ -461,6 +544,8 @@ export function reducer(state = initialState, event = {}) {
       return {
         ...initialState,
         studies: state.studies,
+        chips: state.chips,
+        explain: state.explain,
         status: STATUS.LOADING,
         seq: state.seq + 1,
         query: event.query,
@@ -496,6 +581,15 @@ export function reducer(state = initialState, event = {}) {
       return { ...state, queryLabels: Array.isArray(event.labels) ? event.labels : null };
     case 'reset':
       return { ...initialState, studies: state.studies, seq: state.seq + 1 };
+    case 'chips':
+      return { ...state, chips: { ...(event.chips || {}) } };
+    case 'explain':
+      return { ...state, explain: !!event.on };
+    case 'overlay':
+      if (event.seq !== state.seq) {
+        return state;
+      }
+      return { ...state, overlays: { ...state.overlays, [event.sopUid]: event.overlay || '' } };
     default:
       return state;
   }
@@ -503,13 +597,21 @@ export function reducer(state = initialState, event = {}) {
 
 /** What the panel shows for a state (pure: the DOM code only draws this). */
 export function panelModel(state, urls = {}) {
-  const model = { status: state.status, query: state.query, showAnyway: state.showAnyway };
+  const model = { status: state.status, query: state.query, showAnyway: state.showAnyway,
+    // the viewer's metadata may not carry the transfer syntax (Orthanc's DICOMweb JSON does not): the answer does
+    undrawable: undrawableReason((state.query && state.query.transferSyntax) || state.response?.query?.transfer_syntax),
+    chips: FILTER_CHIPS.map(chip => ({ ...chip, on: (state.chips || {})[chip.group] === chip.id,
+      disabled: chip.group === 'findings' && !(state.queryLabels && state.queryLabels.length) })),
+    explain: !!state.explain };
   if (state.status === STATUS.ERROR) {
     model.error = state.error;
   }
   if (state.status === STATUS.RESULTS || state.status === STATUS.EMPTY) {
     const view = toViewModel(state.response, { studies: state.studies, queryLabels: state.queryLabels, urls });
     Object.assign(model, view);
+    model.items.forEach(item => {
+      item.overlay = state.explain ? ((state.overlays || {})[item.sopUid] || '') : '';
+    });
     if (state.status === STATUS.EMPTY) {
       const cut = hasThreshold(view.operatingPoint);
       model.emptyMessage = cut
@@ -606,7 +708,8 @@ export function createController({ fetch: fetchImpl, config = {}, authHeaders = 
     try {
       response = await fetchJson(fetchImpl, joinUrl(cfg.apiRoot, 'similar'), {
         method: 'POST',
-        body: similarRequest(query, { showAnyway, k: showAnyway ? cfg.showAnywayK : undefined }),
+        body: similarRequest(query, { showAnyway, k: showAnyway ? cfg.showAnywayK : undefined,
+          filters: filtersFromChips(state.chips, state.queryLabels) }),
         headers: headers(),
         timeoutMs: cfg.timeoutMs,
       });
@@ -616,8 +719,55 @@ export function createController({ fetch: fetchImpl, config = {}, authHeaders = 
       return state;
     }
     dispatch({ type: 'succeeded', seq, response });
-    await Promise.all([lookUpQueryLabels(seq, response), lookUpStudies(response.results || [])]);
+    await Promise.all([lookUpQueryLabels(seq, response), lookUpStudies(response.results || []),
+      state.explain ? explainResults(seq) : null]);
     return state;
+  }
+
+  /** Fetch the "where they match" overlays of the current results (hit side), one request per result. */
+  async function explainResults(seq) {
+    const response = state.response;
+    if (!response || !state.query) {
+      return;
+    }
+    const indexed = !!response.query?.indexed;
+    await Promise.all((response.results || []).map(async row => {
+      if (!row.sop_uid || (state.overlays || {})[row.sop_uid]) {
+        return;
+      }
+      try {
+        const found = await fetchJson(fetchImpl, explainUrl(cfg.apiRoot, state.query, row.sop_uid, { indexed }),
+          { headers: headers(), timeoutMs: cfg.timeoutMs });
+        const overlay = found?.hit?.overlay;
+        if (typeof overlay === 'string' && overlay.startsWith('data:image/png;base64,')) {
+          dispatch({ type: 'overlay', seq, sopUid: row.sop_uid, overlay });
+        }
+      } catch (error) {
+        // an explanation is a nicety: the result stands without it
+      }
+    }));
+  }
+
+  /** Switch a filter chip (one per group; the same chip again switches it off) and search again. */
+  function toggleChip(id) {
+    const chip = FILTER_CHIPS.find(c => c.id === id);
+    if (!chip) {
+      return Promise.resolve(state);
+    }
+    const chips = { ...(state.chips || {}) };
+    if (chips[chip.group] === id) {
+      delete chips[chip.group];
+    } else {
+      chips[chip.group] = id;
+    }
+    dispatch({ type: 'chips', chips });
+    return state.query ? find(state.query, { showAnyway: state.showAnyway }) : Promise.resolve(state);
+  }
+
+  /** The "where they match" toggle: overlays on every thumbnail. */
+  function toggleExplain() {
+    dispatch({ type: 'explain', on: !state.explain });
+    return state.explain ? explainResults(state.seq).then(() => state) : Promise.resolve(state);
   }
 
   return {
@@ -626,6 +776,8 @@ export function createController({ fetch: fetchImpl, config = {}, authHeaders = 
     showAnyway: () => (state.query ? find(state.query, { showAnyway: true }) : Promise.resolve(state)),
     retry: () => (state.query ? find(state.query, { showAnyway: state.showAnyway }) : Promise.resolve(state)),
     reset: () => dispatch({ type: 'reset' }),
+    toggleChip,
+    toggleExplain,
     getState: () => state,
     model: () => panelModel(state, {
       origin: cfg.origin || '',

@@ -87,10 +87,19 @@ function renderItem(doc, item) {
         text: f,
       }))
       : [el(doc, 'span', { className: 'medsim-muted', text: 'no findings recorded' })]);
-  const thumb = item.thumbnailUrl
+  const image = item.thumbnailUrl
     ? el(doc, 'img', { className: 'medsim-thumb', src: item.thumbnailUrl, alt: `thumbnail of result ${item.rank}`,
       loading: 'lazy', width: 96, height: 96 })
     : el(doc, 'div', { className: 'medsim-thumb medsim-thumb-missing', text: 'no preview' });
+  // "where they match": the overlay has the image's aspect ratio and is fitted like the thumbnail (contain), so
+  // it lies exactly on it
+  const thumb = item.overlay
+    ? el(doc, 'div', { className: 'medsim-thumb-stack' }, [
+      image,
+      el(doc, 'img', { className: 'medsim-overlay', src: item.overlay, alt: `where result ${item.rank} matches`,
+        'data-cy': 'medsim-overlay', width: 96, height: 96 }),
+    ])
+    : image;
   return el(doc, 'li', { className: 'medsim-result', 'data-cy': 'medsim-result', 'data-rank': item.rank,
     'data-study-uid': item.studyUid, 'data-sop-uid': item.sopUid, 'data-findings': item.findings.join('|'),
     'data-patient': item.patient, 'data-score': item.score }, [
@@ -117,10 +126,38 @@ function renderItem(doc, item) {
   ]);
 }
 
+function renderControls(doc, model, actions) {
+  const chips = (model.chips || []).map(chip => el(doc, 'button', { type: 'button',
+    className: `medsim-filter-chip${chip.on ? ' medsim-filter-chip-on' : ''}`, 'data-cy': 'medsim-filter-chip',
+    'data-chip': chip.id, 'aria-pressed': chip.on ? 'true' : 'false', disabled: chip.disabled,
+    title: chip.disabled ? 'the query image has no recorded findings' : undefined,
+    onClick: () => actions.toggleChip(chip.id), text: chip.label }));
+  return el(doc, 'div', { className: 'medsim-controls' }, [
+    el(doc, 'div', { className: 'medsim-filter-chips', 'data-cy': 'medsim-filters', role: 'group',
+      'aria-label': 'filters' }, chips),
+    el(doc, 'label', { className: 'medsim-explain-toggle' }, [
+      el(doc, 'input', { type: 'checkbox', 'data-cy': 'medsim-explain-toggle', checked: model.explain,
+        onClick: () => actions.toggleExplain() }),
+      ' where they match',
+    ]),
+  ]);
+}
+
 function renderResults(doc, model, actions) {
   const children = [
     queryLine(doc, model),
-    el(doc, 'div', { className: 'medsim-op', 'data-cy': 'medsim-operating-point', text: model.operatingPointText }),
+    el(doc, 'div', { className: 'medsim-op', 'data-cy': 'medsim-operating-point' }, [
+      el(doc, 'div', { text: model.operatingPointText }),
+      model.calibrationText
+        ? el(doc, 'div', { className: 'medsim-muted medsim-small', 'data-cy': 'medsim-calibration',
+          text: model.calibrationText })
+        : null,
+      model.operatingPointWarning
+        ? el(doc, 'div', { className: 'medsim-op-warning', 'data-cy': 'medsim-op-warning', role: 'note',
+          text: `⚠ ${model.operatingPointWarning}` })
+        : null,
+    ]),
+    renderControls(doc, model, actions),
   ];
   if (model.status === STATUS.EMPTY) {
     children.push(el(doc, 'div', { className: 'medsim-state medsim-empty', 'data-cy': 'medsim-state',
@@ -162,6 +199,10 @@ export function renderPanel(container, model, actions) {
   }
   const root = el(doc, 'div', { className: 'medsim-panel', 'data-cy': 'medsim-similar-panel',
     'data-status': model.status }, [
+    model.undrawable
+      ? el(doc, 'div', { className: 'medsim-undrawable', 'data-cy': 'medsim-undrawable', role: 'note',
+        text: model.undrawable })
+      : null,
     el(doc, 'div', { className: 'medsim-header' }, [
       el(doc, 'h3', { text: 'Similar cases' }),
       model.status !== STATUS.IDLE && model.status !== STATUS.LOADING
@@ -181,6 +222,8 @@ export function createPanelView(controller) {
   const actions = {
     retry: () => controller.retry(),
     showAnyway: () => controller.showAnyway(),
+    toggleChip: id => (controller.toggleChip ? controller.toggleChip(id) : null),
+    toggleExplain: () => (controller.toggleExplain ? controller.toggleExplain() : null),
   };
   const draw = () => {
     if (node) {
