@@ -37,14 +37,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 try:
-    from benchmarks.common import ROOT, WORK, say, shared_data
+    from benchmarks.common import WORK, say, shared_data
 except ImportError:  # run as a script
     import sys
 
@@ -144,33 +143,9 @@ def stored_pixels(cxr: Path, item: dict) -> np.ndarray:
 
 
 def _gdcm_encode(ds, ts_uid: str) -> bytes:
-    import gdcm
-    import pydicom
+    from medsim.sample_data.build_sample_data import gdcm_encapsulate  # one GDCM encoder for both exports
 
-    gdcm_ts = {"1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
-               "1.2.840.10008.1.2.4.80": gdcm.TransferSyntax.JPEGLSLossless}[ts_uid]
-    with tempfile.TemporaryDirectory(prefix="medsim-gdcm-") as td:
-        src, dst = os.path.join(td, "in.dcm"), os.path.join(td, "out.dcm")
-        ds.save_as(src, enforce_file_format=True)
-        reader = gdcm.ImageReader()
-        reader.SetFileName(src)
-        if not reader.Read():
-            raise RuntimeError("gdcm could not read the uncompressed intermediate")
-        change = gdcm.ImageChangeTransferSyntax()
-        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm_ts))
-        change.SetInput(reader.GetImage())
-        if not change.Change():
-            raise RuntimeError(f"gdcm could not encode {ts_uid}")
-        writer = gdcm.ImageWriter()
-        writer.SetFileName(dst)
-        writer.SetFile(reader.GetFile())
-        writer.SetImage(change.GetOutput())
-        if not writer.Write():
-            raise RuntimeError("gdcm could not write")
-        out = pydicom.dcmread(dst)
-        if out.file_meta.TransferSyntaxUID != ts_uid:
-            raise RuntimeError(f"gdcm wrote {out.file_meta.TransferSyntaxUID}, wanted {ts_uid}")
-        return out.PixelData
+    return gdcm_encapsulate(ds, ts_uid)
 
 
 def dataset(item: dict, stored: np.ndarray):

@@ -410,14 +410,16 @@ def add_patient_study(ds, patient_id: str, study_uid: str, study_date: str, acce
     ds.StudyDescription = "CHEST 1 VIEW"
 
 
-def _gdcm_encapsulate(ds, ts_uid: str) -> bytes:
-    """Encode ds's (uncompressed) pixel data with GDCM; return the encapsulated PixelData."""
+def gdcm_encapsulate(ds, ts_uid: str) -> bytes:
+    """Encode ds's (uncompressed) pixel data with GDCM; return the encapsulated PixelData (also used by
+    benchmarks/realistic_export.py)."""
     import gdcm
     import pydicom
 
     gdcm_ts = {
         "1.2.840.10008.1.2.4.70": gdcm.TransferSyntax.JPEGLosslessProcess14_1,
         "1.2.840.10008.1.2.4.50": gdcm.TransferSyntax.JPEGBaselineProcess1,
+        "1.2.840.10008.1.2.4.80": gdcm.TransferSyntax.JPEGLSLossless,
     }[ts_uid]
     with tempfile.TemporaryDirectory(prefix="medsim-gdcm-") as td:
         src, dst = os.path.join(td, "in.dcm"), os.path.join(td, "out.dcm")
@@ -477,7 +479,7 @@ def encode_pixels(ds, stored: np.ndarray, v: Variant) -> dict:
         notes["encoder"] = f"pydicom Dataset.compress -> pylibjpeg-openjpeg (j2k_cr={ratio:g})"
         ds.LossyImageCompressionMethod = "ISO_15444_1"
     elif v.ts == "1.2.840.10008.1.2.4.70":
-        ds.PixelData = _gdcm_encapsulate(ds, v.ts)
+        ds.PixelData = gdcm_encapsulate(ds, v.ts)
         ds["PixelData"].VR = "OB"
         ds.file_meta.TransferSyntaxUID = v.ts
         notes["encoder"] = "python-gdcm ImageChangeTransferSyntax (JPEGLosslessProcess14_1)"
