@@ -88,3 +88,15 @@ def test_lazy_subparsers_get_their_arguments():
     assert args.func.__name__ == "cmd_duplicates" and str(args.out) == "dups.csv"
     args = _parser().parse_args(["serve", "--index", "idx"])
     assert args.func.__name__ == "cmd_serve"
+
+
+def test_serve_viewer_flag_alone_means_the_pinned_viewer():
+    import argparse
+
+    from medsim.server.settings import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert str(parser.parse_args(["--index", "i", "--viewer"]).viewer_dir) == "pinned"
+    assert str(parser.parse_args(["--index", "i", "--viewer", "/srv/ohif"]).viewer_dir) == "/srv/ohif"
+    assert parser.parse_args(["--index", "i"]).viewer_dir is None

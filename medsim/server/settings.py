@@ -413,8 +413,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pacs-timeout", type=float, help=help_text("pacs_timeout") + " (default: 20)")
     parser.add_argument("--cache-dir", type=Path, help=help_text("cache_dir"))
     parser.add_argument("--audit-log", type=Path, help=help_text("audit_log"))
-    parser.add_argument("--viewer", dest="viewer_dir", type=Path,
-                        help=help_text("viewer_dir") + "; e.g. var/ohif/3.13.2/dist (env MEDSIM_VIEWER_DIR)")
+    parser.add_argument("--viewer", dest="viewer_dir", type=Path, nargs="?", const=Path("pinned"), metavar="DIR",
+                        help=help_text("viewer_dir") + "; without DIR (or 'pinned'): the pinned OHIF viewer, "
+                        "fetched at first use; e.g. var/ohif/3.13.2/dist (env MEDSIM_VIEWER_DIR)")
 
 
 def settings_from_args(args) -> Settings:
