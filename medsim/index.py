@@ -718,22 +718,8 @@ class CaseIndex:
         if n == 0 or k <= 0:
             return []
         excluded = self.patient_image_count(exclude_patient) + (1 if exclude_sop_uid else 0)
-        fetch = min(n, k + excluded)
-        hnsw = self._graph()
-        hnsw.set_ef(max(self.meta["ef"], fetch))
-        try:
-            labels, distances = hnsw.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=fetch)
-        except RuntimeError:  # fewer than `fetch` found at this breadth (removed cases in the graph): search it all
-            hnsw.set_ef(max(fetch, hnsw.get_current_count()))
-            labels, distances = hnsw.knn_query(np.asarray(vector, dtype=np.float32).reshape(1, -1), k=fetch)
-        hits = []
-        for case, distance in zip(self.cases(labels[0]), distances[0]):
-            if exclude_patient is not None and case.patient_id == exclude_patient:
-                continue
-            if exclude_sop_uid is not None and case.sop_uid == exclude_sop_uid:
-                continue
-            hits.append(Hit(case=case, score=float(1.0 - distance)))
-        return hits[:k]
+        labels, distances = graph_knn(self._graph(), vector, min(n, k + excluded), int(self.meta["ef"]))
+        return top_hits(labels, distances, self.cases(labels), k, exclude_patient, exclude_sop_uid)
 
     @_catalog_access
     def neighbours(self, vectors: np.ndarray, k: int, num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -1216,6 +1202,38 @@ def _exact_knn(graph, query: np.ndarray, k: int, allowed: np.ndarray,
             best_ids, best_d = best_ids[keep], best_d[keep]
     order = np.lexsort((best_ids, best_d))[:k]
     return best_ids[order], best_d[order]
+
+
+def graph_knn(graph, vector: np.ndarray, fetch: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, cosine distances) of the ``fetch`` nearest elements of an hnswlib ``graph``; when hnswlib finds fewer
+    at breadth ``ef`` (removed cases still in the graph), the whole graph is searched."""
+    query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+    graph.set_ef(max(ef, fetch))
+    try:
+        labels, distances = graph.knn_query(query, k=fetch)
+    except RuntimeError:
+        graph.set_ef(max(fetch, graph.get_current_count()))  # marked-deleted elements included
+        labels, distances = graph.knn_query(query, k=fetch)
+    return labels[0], distances[0]
+
+
+def top_hits(labels, distances, cases: list[Case], k: int, exclude_patient: str | None = None,
+             exclude_sop_uid: str | None = None) -> list[Hit]:
+    """The first ``k`` neighbours (graph ``labels`` with their cosine distances, best first) that are neither the
+    excluded patient's nor the query itself. ``cases`` are the catalog's cases for those labels; a label without a
+    case (removed, or not in a served snapshot) is skipped, the others keep their own distance."""
+    by_id = {case.id: case for case in cases}
+    hits = []
+    for case_id, distance in zip(np.asarray(labels).tolist(), np.asarray(distances).tolist()):
+        case = by_id.get(int(case_id))
+        if case is None:
+            continue
+        if exclude_patient is not None and case.patient_id == exclude_patient:
+            continue
+        if exclude_sop_uid is not None and case.sop_uid == exclude_sop_uid:
+            continue
+        hits.append(Hit(case=case, score=float(1.0 - distance)))
+    return hits[:k]
 
 
 def _ensure_capacity(hnsw, extra: int) -> None:

@@ -38,7 +38,7 @@ from medsim.dicom import ChestPolicy, Radiograph, read_dicom
 from medsim.dicomweb import DicomWebClient, is_dicomweb_url
 from medsim.errors import MedsimError, ReadFailure
 from medsim.files import medsim_home
-from medsim.index import Case, CaseIndex, Hit
+from medsim.index import Case, CaseIndex, Hit, filtered_knn, graph_knn, top_hits
 from medsim.operating_point import OperatingPoint
 from medsim.search import QueryInfo, Searcher
 from medsim.server.settings import Settings
@@ -176,7 +176,6 @@ class Snapshot:
         if n == 0 or k <= 0:
             return []
         if case_filter:  # issue 15: searched among the cases that pass the filter only (medsim.index.filtered_knn)
-            from medsim.index import filtered_knn
 
             with self.lock:
                 allowed, members = self.index.filter_ids(case_filter)  # cached per filter until the catalog changes
@@ -189,28 +188,10 @@ class Snapshot:
                 labels, distances = filtered_knn(self.graph, vector, k, allowed, int(self.meta["ef"]), members,
                                                  excluded, vectors)
             return [Hit(case=c, score=float(1.0 - d)) for c, d in zip(self.cases(labels), distances.tolist())]
-        query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         with self.lock:
             excluded = self.index.patient_image_count(exclude_patient) + (1 if exclude_sop_uid else 0)
-            fetch = min(n, k + excluded)
-            self.graph.set_ef(max(int(self.meta["ef"]), fetch))
-            try:
-                labels, distances = self.graph.knn_query(query, k=fetch)
-            except RuntimeError:  # hnswlib found fewer than `fetch` at this breadth: search the whole graph
-                self.graph.set_ef(max(n, self.graph.get_current_count()))  # marked-deleted elements included
-                labels, distances = self.graph.knn_query(query, k=fetch)
-        by_id = {case.id: case for case in self.cases(labels[0])}
-        hits = []
-        for case_id, distance in zip(labels[0].tolist(), distances[0].tolist()):
-            case = by_id.get(int(case_id))
-            if case is None:
-                continue
-            if exclude_patient is not None and case.patient_id == exclude_patient:
-                continue
-            if exclude_sop_uid is not None and case.sop_uid == exclude_sop_uid:
-                continue
-            hits.append(Hit(case=case, score=float(1.0 - distance)))
-        return hits[:k]
+            labels, distances = graph_knn(self.graph, vector, min(n, k + excluded), int(self.meta["ef"]))
+        return top_hits(labels, distances, self.cases(labels), k, exclude_patient, exclude_sop_uid)
 
     def close(self) -> None:
         with self.lock:
