@@ -19,11 +19,9 @@ The hostile files are built here with pydicom from the real sample export (sampl
 import io
 import json
 import os
-import struct
 import subprocess
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import generate_uid
 
+from benchmarks.bench_hostile_uploads import deflate_bomb  # the benchmark's bomb: one builder
 from conftest import SAMPLE_DIR, SHARED_DICOM, sample_manifest
 from orthanc_fixtures import index_digest, make_app, medsim_command, pacs, service  # noqa: F401
 
@@ -95,30 +94,6 @@ def big_jpeg(side: int = 9000) -> bytes:
     ds.PixelData = encapsulate([frame.getvalue()])
     ds.Rows = ds.Columns = side
     return part10(ds, f"big-jpeg-{side}")
-
-
-def deflate_bomb(rows: int = 10000, cols: int = 10000) -> bytes:
-    """A Deflated Explicit VR Little Endian file whose data set inflates to rows x cols x 2 bytes of zeros (200 MB
-    by default) from about 200 KB; compressed in a stream, so building it holds nothing big."""
-    ds = explicit16()
-    del ds.PixelData
-    ds.Rows, ds.Columns = rows, cols
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["robust-bomb"])
-    ds.file_meta.TransferSyntaxUID = DEFLATED
-    meta, body = DicomBytesIO(), DicomBytesIO()
-    meta.is_little_endian, meta.is_implicit_VR = True, False
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
-    write_dataset(body, ds)
-    length = rows * cols * 2
-    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
-    out = [bytes(128), b"DICM", meta.getvalue(), compressor.compress(body.getvalue()),
-           compressor.compress(struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, length))]
-    block = bytes(MIB)
-    for start in range(0, length, MIB):
-        out.append(compressor.compress(block[:min(MIB, length - start)]))
-    out.append(compressor.flush())
-    return b"".join(out)
 
 
 def unknown_transfer_syntax() -> bytes:
