@@ -83,8 +83,9 @@ test: sample-data orthanc viewer chromium nginx
 	$(BIN)/python -m pytest
 
 # Between edits (under 2 minutes on 2 cores): reader, index, search, build, API without Orthanc, metrics, model.
-# Leaves out the tests marked orthanc, browser, nginx, train and slow (pyproject.toml); `make test` runs everything.
-FAST_TESTS := not orthanc and not browser and not nginx and not train and not slow
+# Leaves out the tests marked orthanc, browser, nginx, train, ray, milvus and slow (pyproject.toml); `make test` runs
+# everything.
+FAST_TESTS := not orthanc and not browser and not nginx and not train and not ray and not milvus and not slow
 test-fast: sample-data
 	$(BIN)/python -m pytest -m "$(FAST_TESTS)"
 
