@@ -200,11 +200,12 @@ def open_study(context, base: str, study_uid: str):
     return page
 
 
-def wait_for_image(page, timeout: float = 60) -> float:
-    """Wait until the viewport's canvas shows an image (not a flat colour); returns its pixel standard deviation."""
+def wait_for_image(page, timeout: float = 60, canvas=None) -> float:
+    """Wait until the viewport's canvas (the first, or the locator `canvas`) shows an image (not a flat colour);
+    returns its pixel standard deviation."""
     from PIL import Image, ImageStat
 
-    canvas = page.locator("canvas.cornerstone-canvas").first
+    canvas = canvas or page.locator("canvas.cornerstone-canvas").first
     canvas.wait_for(state="visible", timeout=timeout * 1000)
     deadline = time.monotonic() + timeout
     spread = 0.0

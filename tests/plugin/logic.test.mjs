@@ -153,8 +153,7 @@ test('formatDicomDate and studyUrl', () => {
   assert.equal(formatDicomDate('2018'), '2018');
   assert.equal(studyUrl('1.2', { origin: 'http://h:8000', modeRoute: 'similar' }),
     'http://h:8000/similar?StudyInstanceUIDs=1.2');
-  assert.equal(studyUrl(['1.2', '3.4'], { routerBasename: '/ohif/', hangingProtocolId: '@ohif/hpCompare' }),
-    '/ohif/similar?StudyInstanceUIDs=1.2%2C3.4&hangingProtocolId=%40ohif%2FhpCompare');
+  assert.equal(studyUrl(['1.2', '3.4'], { routerBasename: '/ohif/' }), '/ohif/similar?StudyInstanceUIDs=1.2%2C3.4');
   assert.equal(studyUrl('1.2', { token: 'abc' }), '/similar?StudyInstanceUIDs=1.2&token=abc');
 });
 
@@ -171,7 +170,6 @@ test('toViewModel: thumbnail, score, findings (shared with the query marked), st
   assert.equal(first.description, 'CHEST 1 VIEW');
   assert.equal(first.thumbnailUrl, '/api/v1/cases/7.1.1.1/thumbnail');
   assert.equal(first.openUrl, 'http://h/similar?StudyInstanceUIDs=7.1');
-  assert.match(first.sideBySideUrl, /StudyInstanceUIDs=2\.25\.1%2C7\.1&hangingProtocolId=/);
   assert.equal(second.findingsText, 'no findings recorded');
   assert.equal(second.date, '');
   assert.equal(view.operatingPointText.startsWith('showing cases above the 90 %-recall threshold'), true);

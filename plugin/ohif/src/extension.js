@@ -10,6 +10,7 @@
 
 import { createController, fixVoiLutFunction, qidoStudyLookup, queryFromInstance } from './logic.js';
 import { createPanelView } from './panel.js';
+import { createCompare } from './compare.js';
 
 export const EXTENSION_ID = '@medsim/extension-similar-cases';
 export const PANEL_NAME = 'similarCases';
@@ -91,7 +92,9 @@ function getController(extensionManager, appConfig) {
       authHeaders,
       searchStudy: uid => searchStudy(extensionManager, uid),
     });
-    panelView = createPanelView(controller);
+    const compare = createCompare({ controller, services: () => services, extensionManager, hostElement,
+      fetch: (...args) => globalThis.fetch(...args), headers: authHeaders });
+    panelView = createPanelView(controller, compare);
   }
   return controller;
 }

@@ -17,7 +17,6 @@ export const DEFAULT_CONFIG = Object.freeze({
   routerBasename: '/',
   showAnywayK: 10,
   timeoutMs: 60000,
-  sideBySideProtocol: '@ohif/hpCompare',
 });
 
 /** Modalities that are never projection radiographs: the panel says so without asking the server. */
@@ -435,15 +434,11 @@ export function formatDicomDate(value) {
   return match ? `${match[1]}-${match[2]}-${match[3]}` : text;
 }
 
-/** A viewer URL for one or more studies in this mode (`hangingProtocolId` e.g. for side by side). */
-export function studyUrl(studyUids, { origin = '', routerBasename = '/', modeRoute = 'similar', hangingProtocolId,
-  token } = {}) {
+/** A viewer URL for one or more studies in this mode. */
+export function studyUrl(studyUids, { origin = '', routerBasename = '/', modeRoute = 'similar', token } = {}) {
   const base = `${origin}${`/${String(routerBasename || '/').replace(/^\/+|\/+$/g, '')}/`.replace(/\/+/g, '/')}`;
   const params = new URLSearchParams();
   params.set('StudyInstanceUIDs', [].concat(studyUids).join(','));
-  if (hangingProtocolId) {
-    params.set('hangingProtocolId', hangingProtocolId);
-  }
   if (token) {
     params.set('token', token);
   }
@@ -486,9 +481,6 @@ export function toViewModel(response, { studies = {}, queryLabels = null, urls =
       date: formatDicomDate(info.date),
       description: info.description || '',
       openUrl: studyUrl(row.study_uid, urls),
-      sideBySideUrl: query.study_uid
-        ? studyUrl([query.study_uid, row.study_uid], { ...urls, hangingProtocolId: DEFAULT_CONFIG.sideBySideProtocol })
-        : '',
     };
   });
   return {

@@ -77,7 +77,7 @@ function queryLine(doc, model) {
   ]);
 }
 
-function renderItem(doc, item) {
+function renderItem(doc, item, actions = {}) {
   const meta = [item.date, item.description].filter(Boolean).join(' · ');
   const findings = el(doc, 'div', { className: 'medsim-findings' },
     item.findings.length
@@ -119,9 +119,9 @@ function renderItem(doc, item) {
         ].filter(Boolean).join(' · ') }),
       ]),
     ]),
-    item.sideBySideUrl
-      ? el(doc, 'a', { className: 'medsim-side-by-side', href: item.sideBySideUrl, 'data-cy': 'medsim-side-by-side',
-        title: 'Show the query study and this study side by side here', text: 'side by side' })
+    actions.compare
+      ? button(doc, 'compare', () => actions.compare(item), { className: 'medsim-button medsim-compare',
+        'data-cy': 'medsim-compare', title: 'The query image left, this one right, in this viewer' })
       : null,
   ]);
 }
@@ -143,6 +143,26 @@ function renderControls(doc, model, actions) {
   ]);
 }
 
+/** The side-by-side bar (compare.js model): what is compared, window/level sync, back to one image. */
+function renderCompareBar(doc, compare, actions) {
+  if (!compare || compare.status === 'off') {
+    return null;
+  }
+  const text = { loading: `Opening ${compare.label} side by side…`, on: `Side by side: query | ${compare.label}`,
+    error: compare.message }[compare.status] || '';
+  return el(doc, 'div', { className: 'medsim-compare-bar', 'data-cy': 'medsim-compare-bar',
+    'data-status': compare.status, 'data-rank': compare.rank }, [
+    el(doc, 'span', { text }),
+    el(doc, 'label', { className: 'medsim-explain-toggle' }, [
+      el(doc, 'input', { type: 'checkbox', 'data-cy': 'medsim-compare-sync', checked: compare.sync,
+        onClick: event => actions.syncCompare(event.target.checked) }),
+      ' sync window/level',
+    ]),
+    button(doc, 'close', actions.closeCompare, { className: 'medsim-button medsim-link-button',
+      'data-cy': 'medsim-compare-close', title: 'Back to the query image alone' }),
+  ]);
+}
+
 function renderResults(doc, model, actions) {
   const children = [
     queryLine(doc, model),
@@ -158,6 +178,7 @@ function renderResults(doc, model, actions) {
         : null,
     ]),
     renderControls(doc, model, actions),
+    renderCompareBar(doc, model.compare, actions),
   ];
   if (model.status === STATUS.EMPTY) {
     children.push(el(doc, 'div', { className: 'medsim-state medsim-empty', 'data-cy': 'medsim-state',
@@ -169,7 +190,7 @@ function renderResults(doc, model, actions) {
     ]));
   } else {
     children.push(el(doc, 'ol', { className: 'medsim-results', 'data-cy': 'medsim-results',
-      'data-state': 'results' }, model.items.map(item => renderItem(doc, item))));
+      'data-state': 'results' }, model.items.map(item => renderItem(doc, item, actions))));
   }
   children.push(el(doc, 'div', { className: 'medsim-muted medsim-small medsim-footer', text: [
     model.includeSamePatient ? 'same patient included' : 'other patients only',
@@ -215,11 +236,14 @@ export function renderPanel(container, model, actions) {
   container.replaceChildren(root);
 }
 
-/** A view bound to a controller: mount(node) draws and follows the state, unmount() stops. */
-export function createPanelView(controller) {
+/** A view bound to a controller (and a compare.js view, optional): mount(node) draws and follows the state,
+ * unmount() stops. */
+export function createPanelView(controller, compare = null) {
   let node = null;
   let unsubscribe = null;
   const actions = {
+    ...(compare ? { compare: item => compare.open(item), syncCompare: on => compare.setSync(on),
+      closeCompare: () => compare.close() } : {}),
     retry: () => controller.retry(),
     showAnyway: () => controller.showAnyway(),
     toggleChip: id => (controller.toggleChip ? controller.toggleChip(id) : null),
@@ -227,7 +251,7 @@ export function createPanelView(controller) {
   };
   const draw = () => {
     if (node) {
-      renderPanel(node, controller.model(), actions);
+      renderPanel(node, compare ? { ...controller.model(), compare: compare.model() } : controller.model(), actions);
     }
   };
   return {
@@ -237,7 +261,8 @@ export function createPanelView(controller) {
       }
       this.unmount();
       node = element;
-      unsubscribe = controller.subscribe(draw);
+      const unsubscribers = [controller.subscribe(draw), compare?.subscribe(draw)].filter(Boolean);
+      unsubscribe = () => unsubscribers.forEach(stop => stop());
       draw();
     },
     unmount() {
