@@ -19,7 +19,7 @@ from importlib import resources
 from flask import Blueprint, Flask, Response
 
 from medsim import __version__
-from medsim.server import cases, cohort, errors, explain, health, index, metrics, security, similar
+from medsim.server import cases, cohort, errors, explain, feedback, health, index, metrics, security, similar
 from medsim.server.settings import Settings
 from medsim.server.state import Service
 
@@ -52,7 +52,7 @@ def create_app(settings: Settings, service: Service | None = None, extra_bluepri
 
     api = Blueprint("api", __name__, url_prefix=API_PREFIX)
     security.require_token(api)
-    for module in (similar, cases, index, explain, cohort):
+    for module in (similar, cases, index, explain, cohort, feedback):
         api.register_blueprint(module.blueprint())
     app.register_blueprint(api)
     app.register_blueprint(health.blueprint())

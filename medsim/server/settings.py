@@ -120,6 +120,9 @@ bounded stream before it is parsed; larger ones get 413"""
     index_check_interval: float = 2.0
     """seconds between checks for a newer committed index (build-index adding cases, calibrate), which is then
 loaded in the background and swapped in atomically; 0: serve the index as loaded at start-up"""
+    feedback: bool = True
+    """store relevance votes (POST /api/v1/feedback) in the index's catalog; false: the catalog is never written and
+votes get 409 read-only-index"""
 
     # ---- loading -------------------------------------------------------------------------------------------------
 

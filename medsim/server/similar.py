@@ -63,7 +63,9 @@ def similar():
         return _similar(service)
 
 
-def _similar(service: Service):
+def _similar(service: Service, refine=None):
+    """The answer to a /similar request; ``refine(vector, info) -> (vector, dict)`` moves the query vector first and
+    its dict becomes the answer's ``refined`` (``POST /api/v1/feedback/refine``, :mod:`medsim.server.feedback`)."""
     settings = app_settings()
     started = time.perf_counter()
     mimetype = request.mimetype
@@ -106,6 +108,9 @@ def _similar(service: Service):
     include_same_patient = params.get("include_same_patient", False)
     group_by = params.get("group_by", "study")
     filters = for_query(params.get("filters"), info.view)  # the default view filter: the query's own class
+    refined = None
+    if refine is not None:
+        vector, refined = refine(vector, info)
     rows = rank(service, vector, info, op, group_by, include_same_patient, filters)
     audit(sop_uid=info.sop_uid, indexed=info.indexed, k=op.k, mode=op.mode, group_by=group_by,
           include_same_patient=include_same_patient, results=len(rows))
@@ -121,6 +126,7 @@ def _similar(service: Service):
         "model": {"name": service.index.meta.get("model_name"), "fingerprint": service.index.model_fingerprint},
         "results": [_row(service, settings, rank_, hit, images) for rank_, (hit, images) in enumerate(rows, 1)],
         "took_ms": round(1000 * (time.perf_counter() - started), 1),
+        **({"refined": refined} if refined is not None else {}),
     })
 
 
