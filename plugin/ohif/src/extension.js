@@ -11,6 +11,7 @@
 import { createController, fixVoiLutFunction, qidoStudyLookup, queryFromInstance } from './logic.js';
 import { createPanelView } from './panel.js';
 import { createCompare } from './compare.js';
+import { createFeedback } from './feedback.js';
 
 export const EXTENSION_ID = '@medsim/extension-similar-cases';
 export const PANEL_NAME = 'similarCases';
@@ -94,7 +95,8 @@ function getController(extensionManager, appConfig) {
     });
     const compare = createCompare({ controller, services: () => services, extensionManager, hostElement,
       fetch: (...args) => globalThis.fetch(...args), headers: authHeaders });
-    panelView = createPanelView(controller, compare);
+    const feedback = createFeedback({ controller, fetch: (...args) => globalThis.fetch(...args), headers: authHeaders });
+    panelView = createPanelView(controller, compare, feedback);
   }
   return controller;
 }

@@ -687,8 +687,9 @@ export function createController({ fetch: fetchImpl, config = {}, authHeaders = 
     }
   }
 
-  /** Ask for the cases similar to `query` (from queryFromInstance). Resolves when the panel has settled. */
-  async function find(query, { showAnyway = false } = {}) {
+  /** Ask for the cases similar to `query` (from queryFromInstance). Resolves when the panel has settled. `path`:
+   * 'feedback/refine' asks the same with the query refined by the votes on its hits (feedback.js). */
+  async function find(query, { showAnyway = false, path = 'similar' } = {}) {
     const early = precheck(query);
     if (early) {
       dispatch({ type: 'precheckFailed', query, error: early });
@@ -698,7 +699,7 @@ export function createController({ fetch: fetchImpl, config = {}, authHeaders = 
     const seq = state.seq;
     let response;
     try {
-      response = await fetchJson(fetchImpl, joinUrl(cfg.apiRoot, 'similar'), {
+      response = await fetchJson(fetchImpl, joinUrl(cfg.apiRoot, path), {
         method: 'POST',
         body: similarRequest(query, { showAnyway, k: showAnyway ? cfg.showAnywayK : undefined,
           filters: filtersFromChips(state.chips, state.queryLabels) }),

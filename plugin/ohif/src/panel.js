@@ -6,6 +6,7 @@
  */
 
 import { STATUS } from './logic.js';
+import { feedbackBar, voteButtons } from './feedback.js';
 
 function el(doc, tag, attrs = {}, children = []) {
   const node = doc.createElement(tag);
@@ -77,7 +78,7 @@ function queryLine(doc, model) {
   ]);
 }
 
-function renderItem(doc, item, actions = {}) {
+function renderItem(doc, item, actions = {}, feedback = null) {
   const meta = [item.date, item.description].filter(Boolean).join(' · ');
   const findings = el(doc, 'div', { className: 'medsim-findings' },
     item.findings.length
@@ -123,6 +124,7 @@ function renderItem(doc, item, actions = {}) {
       ? button(doc, 'compare', () => actions.compare(item), { className: 'medsim-button medsim-compare',
         'data-cy': 'medsim-compare', title: 'The query image left, this one right, in this viewer' })
       : null,
+    feedback ? voteButtons(doc, item, feedback, actions) : null,
   ]);
 }
 
@@ -179,6 +181,7 @@ function renderResults(doc, model, actions) {
     ]),
     renderControls(doc, model, actions),
     renderCompareBar(doc, model.compare, actions),
+    model.feedback ? feedbackBar(doc, model.feedback, actions) : null,
   ];
   if (model.status === STATUS.EMPTY) {
     children.push(el(doc, 'div', { className: 'medsim-state medsim-empty', 'data-cy': 'medsim-state',
@@ -190,7 +193,7 @@ function renderResults(doc, model, actions) {
     ]));
   } else {
     children.push(el(doc, 'ol', { className: 'medsim-results', 'data-cy': 'medsim-results',
-      'data-state': 'results' }, model.items.map(item => renderItem(doc, item, actions))));
+      'data-state': 'results' }, model.items.map(item => renderItem(doc, item, actions, model.feedback))));
   }
   children.push(el(doc, 'div', { className: 'medsim-muted medsim-small medsim-footer', text: [
     model.includeSamePatient ? 'same patient included' : 'other patients only',
@@ -236,9 +239,9 @@ export function renderPanel(container, model, actions) {
   container.replaceChildren(root);
 }
 
-/** A view bound to a controller (and a compare.js view, optional): mount(node) draws and follows the state,
- * unmount() stops. */
-export function createPanelView(controller, compare = null) {
+/** A view bound to a controller (and, optional, a compare.js view and a feedback.js state): mount(node) draws and
+ * follows the state, unmount() stops. */
+export function createPanelView(controller, compare = null, feedback = null) {
   let node = null;
   let unsubscribe = null;
   const actions = {
@@ -248,10 +251,13 @@ export function createPanelView(controller, compare = null) {
     showAnyway: () => controller.showAnyway(),
     toggleChip: id => (controller.toggleChip ? controller.toggleChip(id) : null),
     toggleExplain: () => (controller.toggleExplain ? controller.toggleExplain() : null),
+    ...(feedback ? { vote: (item, direction) => feedback.vote(item, direction), refine: () => feedback.refine() }
+      : {}),
   };
   const draw = () => {
     if (node) {
-      renderPanel(node, compare ? { ...controller.model(), compare: compare.model() } : controller.model(), actions);
+      renderPanel(node, { ...controller.model(), ...(compare ? { compare: compare.model() } : {}),
+        ...(feedback ? { feedback: feedback.model() } : {}) }, actions);
     }
   };
   return {
@@ -261,7 +267,8 @@ export function createPanelView(controller, compare = null) {
       }
       this.unmount();
       node = element;
-      const unsubscribers = [controller.subscribe(draw), compare?.subscribe(draw)].filter(Boolean);
+      const unsubscribers = [controller.subscribe(draw), compare?.subscribe(draw), feedback?.subscribe(draw)]
+        .filter(Boolean);
       unsubscribe = () => unsubscribers.forEach(stop => stop());
       draw();
     },
