@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     filters.add_argument("--modality", action="append", metavar="CODE", help="DICOM modality, e.g. CR (repeatable)")
     filters.add_argument("--date-from", metavar="YYYY-MM-DD", help="study date on or after")
     filters.add_argument("--date-to", metavar="YYYY-MM-DD", help="study date on or before")
+    export = query.add_argument_group("cohort export", "the query and its results (see docs/api.md, cohort export)")
+    export.add_argument("--export-csv", type=Path, metavar="FILE", help="write them as CSV: UIDs, rank, score, view, "
+                        "findings and a per-export patient pseudonym (never names, birth dates or paths)")
+    export.add_argument("--export-kos", metavar="DICOMWEB_URL", help="store them in that PACS as a DICOM Key Object "
+                        "Selection document in the query's study (STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")
     _model_argument(query, help_suffix=" (default: the model the index was built with)")
     query.set_defaults(func=cmd_query)
 
@@ -323,6 +328,8 @@ def cmd_query(args) -> int:
                                       target_recall=args.target_recall)
         vector, info = searcher.file_query(args.file, patient_id=args.patient_id)
         result = searcher.search(vector, info, op, include_same_patient=args.include_same_patient, filters=filters)
+        if args.export_csv or args.export_kos:
+            _export_cohort(args, searcher, result)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
@@ -345,6 +352,23 @@ def cmd_query(args) -> int:
         print(f"{'':>4}  {'':>6}  {'patient ' + (case.patient_id or '?'):<28}  series {case.series_uid}")
         print(f"{'':>4}  {'':>6}  {case.view or '':<28}  sop {case.sop_uid}  {case.source_path}")
     return 0
+
+
+def _export_cohort(args, searcher, result) -> None:
+    from medsim.cohort import make_cohort, store_kos, to_csv
+    from medsim.dicomweb import DicomWebClient
+    from medsim.duplicates import pseudonymiser
+
+    indexed = searcher.index.get(result.query.sop_uid) if result.query.indexed else None
+    cohort = make_cohort(result.query, indexed.labels if indexed else (), result.hits, pseudonymiser(),
+                         model=searcher.index.meta.get("model_name") or "", filters=result.filters.to_dict())
+    if args.export_csv:
+        args.export_csv.write_text(to_csv(cohort), encoding="utf-8")
+        print(f"cohort CSV ({len(cohort.members)} images): {args.export_csv}", file=sys.stderr)
+    if args.export_kos:
+        stored = store_kos(DicomWebClient(args.export_kos), cohort)
+        print(f"cohort KOS stored in study {stored.study_uid}: series {stored.series_uid}, SOP instance "
+              f"{stored.sop_uid} ({stored.references} images referenced)", file=sys.stderr)
 
 
 def cmd_info(args) -> int:
