@@ -10,6 +10,7 @@
 
 import { createController, fixVoiLutFunction, qidoStudyLookup, queryFromInstance } from './logic.js';
 import { createPanelView } from './panel.js';
+import { createCohortExport } from './cohort.js';
 import { createCompare } from './compare.js';
 import { createFeedback } from './feedback.js';
 
@@ -96,7 +97,9 @@ function getController(extensionManager, appConfig) {
     const compare = createCompare({ controller, services: () => services, extensionManager, hostElement,
       fetch: (...args) => globalThis.fetch(...args), headers: authHeaders });
     const feedback = createFeedback({ controller, fetch: (...args) => globalThis.fetch(...args), headers: authHeaders });
-    panelView = createPanelView(controller, compare, feedback);
+    const cohort = createCohortExport({ controller, fetch: (...args) => globalThis.fetch(...args),
+      headers: authHeaders });
+    panelView = createPanelView(controller, compare, feedback, cohort);
   }
   return controller;
 }

@@ -6,6 +6,7 @@
  */
 
 import { STATUS } from './logic.js';
+import { renderCohort } from './cohort.js';
 import { feedbackBar, voteButtons } from './feedback.js';
 
 function el(doc, tag, attrs = {}, children = []) {
@@ -195,6 +196,7 @@ function renderResults(doc, model, actions) {
     children.push(el(doc, 'ol', { className: 'medsim-results', 'data-cy': 'medsim-results',
       'data-state': 'results' }, model.items.map(item => renderItem(doc, item, actions, model.feedback))));
   }
+  children.push(renderCohort(doc, model.cohort, actions));
   children.push(el(doc, 'div', { className: 'medsim-muted medsim-small medsim-footer', text: [
     model.includeSamePatient ? 'same patient included' : 'other patients only',
     model.groupBy === 'study' ? 'best image per study' : 'every image',
@@ -241,7 +243,7 @@ export function renderPanel(container, model, actions) {
 
 /** A view bound to a controller (and, optional, a compare.js view and a feedback.js state): mount(node) draws and
  * follows the state, unmount() stops. */
-export function createPanelView(controller, compare = null, feedback = null) {
+export function createPanelView(controller, compare = null, feedback = null, cohort = null) {
   let node = null;
   let unsubscribe = null;
   const actions = {
@@ -251,13 +253,14 @@ export function createPanelView(controller, compare = null, feedback = null) {
     showAnyway: () => controller.showAnyway(),
     toggleChip: id => (controller.toggleChip ? controller.toggleChip(id) : null),
     toggleExplain: () => (controller.toggleExplain ? controller.toggleExplain() : null),
+    ...(cohort ? { exportCohort: format => cohort.run(format) } : {}),
     ...(feedback ? { vote: (item, direction) => feedback.vote(item, direction), refine: () => feedback.refine() }
       : {}),
   };
   const draw = () => {
     if (node) {
       renderPanel(node, { ...controller.model(), ...(compare ? { compare: compare.model() } : {}),
-        ...(feedback ? { feedback: feedback.model() } : {}) }, actions);
+        ...(feedback ? { feedback: feedback.model() } : {}), ...(cohort ? { cohort: cohort.model() } : {}) }, actions);
     }
   };
   return {
@@ -267,7 +270,8 @@ export function createPanelView(controller, compare = null, feedback = null) {
       }
       this.unmount();
       node = element;
-      const unsubscribers = [controller.subscribe(draw), compare?.subscribe(draw), feedback?.subscribe(draw)]
+      const unsubscribers = [controller.subscribe(draw), compare?.subscribe(draw), feedback?.subscribe(draw),
+        cohort?.subscribe(draw)]
         .filter(Boolean);
       unsubscribe = () => unsubscribers.forEach(stop => stop());
       draw();
