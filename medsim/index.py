@@ -1,10 +1,11 @@
-"""The case index: hnswlib (cosine) for vectors, SQLite for the catalog, both tied to one model.
+"""The case index: SQLite for the catalog, a vector store (:mod:`medsim.vectors`: hnswlib by default, or Milvus) for
+nearest-neighbour search, both tied to one model.
 
 An index is a directory:
 
     catalog.sqlite   cases (UIDs, patient, view, labels, path, vector), the file ledger, and index metadata.
                      It is the source of truth and changes only in transactions, so a crash never leaves it
-                     half-written.
+                     half-written. Its meta ``vector_store`` names the store when it is not hnswlib.
     vectors.hnsw     the hnswlib graph, a cache of the vectors in the catalog. Written to a temporary file and
                      renamed into place; the catalog records its SHA-256, size and element count (meta ``graph``),
                      which ties the file to this catalog. Before hnswlib reads it, its header, size and element count
@@ -17,34 +18,41 @@ as their bytes (``os.fsencode``) in a BLOB, so any name a file system allows can
 :func:`printable` to show one. A damaged catalog (not a database, truncated, malformed pages, values that cannot be
 what medsim wrote) raises :class:`IndexFormatError` naming the index and what to do, never a bare sqlite3 error.
 
-Knobs (hnswlib): ``M`` (graph degree; memory ~ 4*dim + 8*M bytes per case), ``ef_construction`` (build quality),
-``ef`` (query breadth; raised to the number of results asked for). Defaults suit up to ~1M cases.
+With a Milvus store (``vector_store`` = ``milvus://HOST:PORT/COLLECTION`` or a milvus-lite file), the collection
+is that cache instead; it records which catalog it belongs to, and on opening its ids are compared with the
+catalog's: a writer adds what it lacks and deletes what the catalog no longer holds, a reader reports the difference
+and searches only cases of the catalog. `medsim rebuild-store` rebuilds either store from the catalog.
+
+Knobs (both stores' HNSW): ``M`` (graph degree; memory ~ 4*dim + 8*M bytes per case), ``ef_construction`` (build
+quality), ``ef`` (query breadth; raised to the number of results asked for). Defaults suit up to ~1M cases.
 """
 
 from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import sqlite3
-import struct
 import time
 import unicodedata
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medsim.errors import IndexFormatError, ModelMismatch
+from medsim.vectors import (BRUTE_FORCE_MAX, HNSWLIB, VECTORS, GraphInvalid, HnswStore, MilvusStore, StoreURL, VectorStore,
+                            check_graph_body, graph_header, graph_record_of, open_milvus, parse_url, sha256_of)
 
 FORMAT_VERSION = 1
 CATALOG = "catalog.sqlite"
-VECTORS = "vectors.hnsw"
+# meta key: {"url": the store's URL, "catalog": this catalog's id, recorded in the store}; absent for hnswlib
+STORE_RECORD = "vector_store"
 # meta key: {"sha256", "bytes", "count"} of the vectors.hnsw last saved for this catalog; null in a catalog that has
 # not saved one yet; absent in a catalog written before medsim recorded it (its graph gets the full structural check).
 GRAPH_RECORD = "graph"
@@ -271,6 +279,14 @@ class Hit:
     score: float  # cosine similarity, 1 = identical direction
 
 
+def hits(ids, distances, cases: list[Case]) -> list[Hit]:
+    """Hits of a store's (ids, cosine distances), in that order, for the ``cases`` the catalog holds of them (an id
+    without a case, removed meanwhile or not in a served snapshot, is skipped)."""
+    by_id = {case.id: case for case in cases}
+    return [Hit(case=by_id[i], score=float(1.0 - d))
+            for i, d in zip(np.asarray(ids).tolist(), np.asarray(distances).tolist()) if i in by_id]
+
+
 @dataclass(frozen=True)
 class FileRecord:
     """What happened to one source file; lets a re-run skip what it has seen and report past failures."""
@@ -292,7 +308,8 @@ class CaseIndex:
         self._db = db
         self._writable = writable
         self._lock_fh = lock_fh
-        self._hnsw = None
+        self._vstore: VectorStore | None = None
+        self._store_extra = frozenset()  # ids a read-only store holds that the catalog does not (never returned)
         self._dirty = False
         meta = self._read_meta()
         self.meta = meta
@@ -326,11 +343,15 @@ class CaseIndex:
 
     @classmethod
     def create(cls, path: str | Path, *, model_fingerprint: str, model_name: str, dim: int, model_path: str = "",
-               M: int = 32, ef_construction: int = 200, ef: int = 64) -> "CaseIndex":
-        """A new, empty index; refuses to overwrite an existing one."""
+               M: int = 32, ef_construction: int = 200, ef: int = 64, vector_store: str | None = None
+               ) -> "CaseIndex":
+        """A new, empty index; refuses to overwrite an existing one. ``vector_store``: a store URL
+        (:func:`medsim.vectors.parse_url`; default hnswlib); a Milvus collection is created for it here and must not
+        exist yet."""
         path = Path(path)
         if (path / CATALOG).exists():
             raise IndexFormatError(f"{printable(path)} already holds an index")
+        store_url = parse_url(vector_store, path, from_user=True)
         path.mkdir(parents=True, exist_ok=True)
         lock_fh = _lock(path)
         db = None
@@ -355,6 +376,13 @@ class CaseIndex:
                 "updated_at": now,
                 GRAPH_RECORD: None,  # no graph saved for this catalog yet: a vectors.hnsw already there is not ours
             }
+            if store_url.kind != HNSWLIB:
+                meta[STORE_RECORD] = {"url": str(store_url), "catalog": uuid.uuid4().hex}
+                store = open_milvus(store_url, path, meta, meta[STORE_RECORD]["catalog"])
+                try:
+                    store.create()  # before the catalog exists: a refused collection leaves no index behind
+                finally:
+                    store.close()
             with db:
                 db.executescript(SCHEMA)
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
@@ -403,11 +431,18 @@ class CaseIndex:
 
     @classmethod
     def open_or_create(cls, path: str | Path, **create_kwargs) -> "CaseIndex":
+        """The index at ``path`` (writable), or a new one. A ``vector_store`` given for an existing index must be
+        the one it uses (`medsim rebuild-store` moves an index to another)."""
         path = Path(path)
         if (path / CATALOG).exists():
             index = cls.open(path, writable=True)
             try:
                 index.require_model(create_kwargs["model_fingerprint"])
+                wanted = create_kwargs.get("vector_store")
+                if wanted is not None and parse_url(wanted, path, from_user=True) != index.store_url():
+                    raise IndexFormatError(
+                        f"index {printable(path)} keeps its vectors in {index.store_url()}, not {wanted}; move it with "
+                        f"`medsim rebuild-store --index {printable(path)} --vector-store {wanted}`")
             except BaseException:
                 index.close()
                 raise
@@ -419,6 +454,9 @@ class CaseIndex:
             if self._writable and self._dirty:
                 self.save()
         finally:
+            if self._vstore is not None:
+                self._vstore.close()
+                self._vstore = None
             self._db.close()
             if self._lock_fh is not None:
                 self._lock_fh.close()
@@ -469,9 +507,7 @@ class CaseIndex:
             self._record_files(files)
             self._set_meta("updated_at", now)
         if ids:
-            hnsw = self._graph()
-            _ensure_capacity(hnsw, len(ids))
-            hnsw.add_items(vectors, np.asarray(ids, dtype=np.int64))
+            self._store().add(np.asarray(ids, dtype=np.int64), vectors, [case_fields(c) for c in cases])
             self._dirty = True
         return ids
 
@@ -500,39 +536,34 @@ class CaseIndex:
 
     @_catalog_access
     def save(self) -> None:
-        """Write the vector graph atomically (temporary file, fsync, rename) and record its checksum, size and element
-        count in the catalog. When no graph was loaded (a build that added nothing), the file on disk is checked
-        instead and, if it does not match the catalog, rebuilt from it and written. Only a writable index saves."""
+        """Make the vector store durable. hnswlib: write the graph atomically (temporary file, fsync, rename) and
+        record its checksum, size and element count in the catalog; when no graph was loaded (a build that added
+        nothing), the file on disk is checked instead and, if it does not match the catalog, rebuilt from it and
+        written. Milvus: check the collection against the catalog (repairing it) and flush it. Only a writable index
+        saves."""
         if not self._writable:
             return
-        if self._hnsw is None:
+        if self._vstore is None and self.store_url().kind != HNSWLIB:
+            self._store()
+        if self._vstore is None:
             state, _ = self._graph_record()
             problem = self._graph_problem()
             if problem is None:
                 if state == "legacy":  # an index from before graphs were recorded, whose graph passed every check:
                     file = self.path / VECTORS  # record it as it is (the migration of such an index)
                     try:
-                        record = _graph_record_of(file, _graph_header(file, self.dim, self.meta["M"],
-                                                                      self.meta["ef_construction"]).count)
-                    except (_GraphInvalid, OSError):
+                        record = graph_record_of(file, graph_header(file, self.dim, self.meta["M"],
+                                                                    self.meta["ef_construction"]).count)
+                    except (GraphInvalid, OSError):
                         return  # changed under us: checked again on the next open
                     with self._db:
                         self._set_meta(GRAPH_RECORD, record)
                 return
-            self._graph()
-        file = self.path / VECTORS
-        tmp = self.path / f".{VECTORS}.tmp-{os.getpid()}"
-        try:
-            self._hnsw.save_index(os.fsencode(tmp))  # bytes: hnswlib takes any path that way, str only UTF-8
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            record = _graph_record_of(tmp, self._hnsw.get_current_count())
-            os.replace(tmp, file)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(self.path)
-        with self._db:  # after the rename: a crash in between leaves a file that fails the check, so it is rebuilt
-            self._set_meta(GRAPH_RECORD, record)
+            self._store()
+        record = self._vstore.save()
+        if isinstance(self._vstore, HnswStore):
+            with self._db:  # after the rename: a crash in between leaves a file that fails the check, so it is rebuilt
+                self._set_meta(GRAPH_RECORD, record)
         self._dirty = False
 
     # ---- reading -------------------------------------------------------------------------------------------------
@@ -637,6 +668,7 @@ class CaseIndex:
             "created_at": self.meta["created_at"],
             "updated_at": self.meta["updated_at"],
             "hnsw": {k: self.meta[k] for k in ("M", "ef_construction", "ef")},
+            "vector_store": str(self.store_url()),
             "labels": self.label_counts(),
             "views": {view or "unknown": n
                       for view, n in db.execute("SELECT view, COUNT(*) FROM cases GROUP BY view")},
@@ -677,8 +709,7 @@ class CaseIndex:
         if entry is None or len(ids) > BRUTE_FORCE_MAX:
             return None
         if "vectors" not in entry[3]:
-            entry[3]["vectors"] = (np.asarray(self._graph().get_items(ids), dtype=np.float32) if len(ids)
-                                   else np.zeros((0, self.dim), np.float32))
+            entry[3]["vectors"] = self._store().vectors(ids)
         return entry[3]["vectors"]
 
     @_catalog_access
@@ -706,20 +737,36 @@ class CaseIndex:
     def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
                exclude_sop_uid: str | None = None, case_filter: "CaseFilter | None" = None) -> list[Hit]:
         """Top-k cases by cosine similarity, best first, without the excluded patient's images or the query itself.
-        With ``case_filter``: the top k of the cases that pass it, searched among them only (:func:`filtered_knn`),
-        so k come back whenever k such cases exist."""
-        if case_filter and k > 0:
-            ids, members = self.filter_ids(case_filter)
-            excluded = self.excluded_ids(exclude_patient, exclude_sop_uid)
-            labels, distances = filtered_knn(self._graph(), vector, k, ids, self.meta["ef"], members, excluded,
-                                             self.filter_vectors(case_filter))
-            return [Hit(case=case, score=float(1.0 - d)) for case, d in zip(self.cases(labels), distances.tolist())]
-        n = len(self)
-        if n == 0 or k <= 0:
-            return []
-        excluded = self.patient_image_count(exclude_patient) + (1 if exclude_sop_uid else 0)
-        labels, distances = graph_knn(self._graph(), vector, min(n, k + excluded), int(self.meta["ef"]))
-        return top_hits(labels, distances, self.cases(labels), k, exclude_patient, exclude_sop_uid)
+        With ``case_filter``: the top k of the cases that pass it, searched among them only (inside the vector
+        store's search), so k come back whenever k such cases exist."""
+        ids, distances = self.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter)
+        return hits(ids, distances, self.cases(ids))
+
+    @_catalog_access
+    def nearest(self, vector: np.ndarray, k: int, exclude_patient: str | None = None,
+                exclude_sop_uid: str | None = None, case_filter: "CaseFilter | None" = None,
+                within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(case ids, cosine distances) of :meth:`search`. ``within``: the sorted ids a served snapshot holds, when
+        the catalog has committed other cases since it was loaded (only those may come back). hnswlib: the catalog
+        turns the filter into allowed ids (SQL); Milvus: the filter and the patient exclusion are its expression."""
+        if k <= 0:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+        store = self._store()
+        if store.filters_inside:
+            max_id = None if within is None else (int(within[-1]) if len(within) else -1)
+            return store.knn(vector, k, case_filter=case_filter or None, exclude_patient=exclude_patient,
+                             excluded=self.excluded_ids(None, exclude_sop_uid) | self._store_extra, max_id=max_id)
+        excluded = self.excluded_ids(exclude_patient, exclude_sop_uid)
+        if not case_filter:
+            return store.knn(vector, k, excluded=excluded)
+        allowed, members = self.filter_ids(case_filter)  # cached per filter until the catalog changes
+        vectors = self.filter_vectors(case_filter)
+        if within is not None:  # keep the snapshot's cases only
+            keep = np.isin(allowed, within, assume_unique=True)
+            if not keep.all():
+                allowed = allowed[keep]
+                members, vectors = frozenset(allowed.tolist()), None
+        return store.knn(vector, k, allowed=allowed, members=members, allowed_vectors=vectors, excluded=excluded)
 
     @_catalog_access
     def neighbours(self, vectors: np.ndarray, k: int, num_threads: int = -1) -> tuple[np.ndarray, np.ndarray]:
@@ -729,57 +776,133 @@ class CaseIndex:
         k = min(int(k), len(self))
         if k <= 0 or not len(vectors):
             return np.zeros((len(vectors), 0), dtype=np.int64), np.zeros((len(vectors), 0), dtype=np.float32)
-        hnsw = self._graph()
-        hnsw.set_ef(max(self.meta["ef"], k))
-        labels, distances = hnsw.knn_query(vectors, k=k, num_threads=num_threads)
-        return labels.astype(np.int64), (1.0 - distances).astype(np.float32)
+        labels, distances = self._store().knn_batch(vectors, k, num_threads=num_threads)
+        return labels, (1.0 - distances).astype(np.float32)
 
-    # ---- the vector graph ----------------------------------------------------------------------------------------
+    # ---- the vector store ----------------------------------------------------------------------------------------
+
+    def store_url(self) -> StoreURL:
+        """Where this index keeps its vectors (meta ``vector_store``; hnswlib when absent)."""
+        record = self.meta.get(STORE_RECORD)
+        return parse_url(record["url"] if record else None, self.path)
+
+    def store(self) -> VectorStore:
+        """The vector store, loaded and checked against the catalog on first use (:meth:`_store`); a served
+        snapshot holds it."""
+        return self._store()
 
     @_catalog_access
-    def _graph(self):
-        """The hnswlib graph: the saved file when it passes the checks (caught up with cases committed after it was
-        saved), else rebuilt from the catalog's vectors. hnswlib never reads a file that failed a check."""
-        if self._hnsw is not None:
-            return self._hnsw
-        import hnswlib
-
-        ids, vectors = self.vectors()
-        problem = self._graph_problem((ids, vectors))
-        hnsw = None
-        if problem is None:
-            hnsw = hnswlib.Index(space="cosine", dim=self.dim)
-            try:
-                hnsw.load_index(os.fsencode(self.path / VECTORS), max_elements=max(len(ids), 1))  # any path
-            except (RuntimeError, MemoryError, ValueError) as exc:
-                hnsw, problem = None, f"could not be loaded ({exc})"
-        present: set[int] = set()
-        if hnsw is None:
-            if problem and len(ids):
-                log.warning("index %s: %s %s; rebuilt the vector graph from the %d vectors in %s%s",
-                            printable(self.path), VECTORS, problem, len(ids), CATALOG,
-                            "" if self._writable else
-                            " (in memory only: the index is open read-only; the next `medsim build-index` on it "
-                            "saves the repaired graph)")
-            hnsw = hnswlib.Index(space="cosine", dim=self.dim)
-            hnsw.init_index(max_elements=max(len(ids), 1024), M=self.meta["M"],
-                            ef_construction=self.meta["ef_construction"], allow_replace_deleted=False)
+    def _store(self) -> VectorStore:
+        """hnswlib: the saved graph when it passes the checks, else rebuilt from the catalog's vectors (hnswlib never
+        reads a file that failed a check). Milvus: the collection, which must have been created for this catalog.
+        Either is then compared with the catalog's case ids (:meth:`_catch_up`)."""
+        if self._vstore is not None:
+            return self._vstore
+        url = self.store_url()
+        if url.kind == HNSWLIB:
+            ids, vectors = self.vectors()
+            store = self._load_graph(ids, vectors)
         else:
-            present = set(hnsw.get_ids_list())
-        missing = np.asarray([i for i in ids.tolist() if i not in present], dtype=np.int64)
-        if len(missing):
-            mask = np.isin(ids, missing)
-            _ensure_capacity(hnsw, len(missing))
-            hnsw.add_items(vectors[mask], ids[mask])
-            self._dirty = True
-        for stale in sorted(present - set(ids.tolist())):  # removed cases (tombstones) in a graph saved before
+            ids, vectors = self.case_ids(), None
+            store = open_milvus(url, self.path, self.meta, self.meta[STORE_RECORD]["catalog"])
+        try:
+            if isinstance(store, MilvusStore):
+                store.check_owner()
+            self._catch_up(store, ids, vectors)
+        except BaseException:
+            store.close()
+            raise
+        self._vstore = store
+        return store
+
+    def _load_graph(self, ids: np.ndarray, vectors: np.ndarray) -> HnswStore:
+        problem = self._graph_problem((ids, vectors))
+        args = (self.path, self.dim, self.meta["M"], self.meta["ef_construction"], self.meta["ef"])
+        if problem is None:
             try:
-                hnsw.mark_deleted(stale)
-                self._dirty = True
-            except RuntimeError:  # already marked deleted in the saved graph
-                pass
-        self._hnsw = hnsw
-        return hnsw
+                return HnswStore.load(*args, capacity=len(ids))
+            except (RuntimeError, MemoryError, ValueError) as exc:
+                problem = f"could not be loaded ({exc})"
+        if problem and len(ids):
+            log.warning("index %s: %s %s; rebuilt the vector graph from the %d vectors in %s%s",
+                        printable(self.path), VECTORS, problem, len(ids), CATALOG,
+                        "" if self._writable else
+                        " (in memory only: the index is open read-only; the next `medsim build-index` on it "
+                        "saves the repaired graph)")
+        return HnswStore.new(*args, capacity=len(ids))
+
+    def _catch_up(self, store: VectorStore, ids: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Make ``store`` hold exactly the catalog's cases ``ids``: add the vectors it lacks (cases committed after a
+        graph was saved; a build interrupted between catalog and store) and remove those the catalog no longer has
+        (removed cases). hnswlib does so in memory, also read-only. A Milvus store is shared: only a writer changes
+        it (and says so); a reader reports the difference, and never returns a case the catalog does not hold."""
+        held = store.ids()
+        missing = np.setdiff1d(ids, held, assume_unique=True)
+        extra = np.setdiff1d(held, ids, assume_unique=True)
+        if not len(missing) and not len(extra):
+            return
+        if isinstance(store, MilvusStore):
+            what = (f"index {printable(self.path)}: vector store {store.url} lacks {len(missing)} of the catalog's "
+                    f"{len(ids)} cases and holds {len(extra)} that the catalog does not")
+            if not self._writable:
+                log.warning("%s; searching only cases of the catalog that it holds (build-index or `medsim "
+                            "rebuild-store` repairs it)", what)
+                self._store_extra = frozenset(extra.tolist())
+                return
+            log.warning("%s; repaired from the catalog", what)
+        store.remove(extra)
+        for start in range(0, len(missing), 4096):
+            part = missing[start:start + 4096]
+            if vectors is not None:
+                store.add(part, vectors[np.searchsorted(ids, part)], None)
+            else:
+                store.add(part, self._vectors_of(part), [case_fields(c) for c in self.cases(part)])
+        self._dirty = True
+
+    @_catalog_access
+    def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        rows = self._db.execute(f"SELECT id, vector FROM cases WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
+                                ids).fetchall()
+        return _decode_vectors(rows, self.dim)
+
+    @_catalog_access
+    def rebuild_store(self, vector_store: str | None = None) -> int:
+        """Rebuild the vector store from the catalog: a new hnswlib graph, or the Milvus collection dropped and
+        written again. With ``vector_store`` (a store URL): into that store, which the index uses from then on (its
+        meta changes only once the new store is complete). Returns the number of vectors written."""
+        if not self._writable:
+            raise IndexFormatError("index opened read-only")
+        target = parse_url(vector_store, self.path, from_user=True) if vector_store is not None else self.store_url()
+        if self._vstore is not None:
+            self._vstore.close()
+            self._vstore = None
+        args = (self.path, self.dim, self.meta["M"], self.meta["ef_construction"], self.meta["ef"])
+        if target.kind == HNSWLIB:
+            store = HnswStore.new(*args, capacity=len(self))
+            for ids, vectors in self.iter_vectors():
+                store.add(ids, vectors, None)
+            record = store.save()
+            with self._db:
+                self._set_meta(GRAPH_RECORD, record)
+                self._db.execute("DELETE FROM meta WHERE key=?", (STORE_RECORD,))
+                self.meta.pop(STORE_RECORD, None)
+        else:
+            current = self.meta.get(STORE_RECORD)
+            catalog_id = current["catalog"] if current else uuid.uuid4().hex
+            store = open_milvus(target, self.path, self.meta, catalog_id)
+            try:
+                store.create(replace=True)
+                for ids, vectors in self.iter_vectors():
+                    store.add(ids, vectors, [case_fields(c) for c in self.cases(ids)])
+                store.save()
+            except BaseException:
+                store.close()
+                raise
+            with self._db:
+                self._set_meta(STORE_RECORD, {"url": str(target), "catalog": catalog_id})
+        self._vstore, self._store_extra, self._dirty = store, frozenset(), False
+        return store.count()
 
     def _graph_record(self) -> tuple[str, dict | None]:
         """What the catalog recorded of its graph file: ("recorded", record), ("none", None) when it has saved none,
@@ -821,18 +944,18 @@ class CaseIndex:
         if not exists:
             return "is missing"
         try:
-            header = _graph_header(file, self.dim, self.meta["M"], self.meta["ef_construction"])
+            header = graph_header(file, self.dim, self.meta["M"], self.meta["ef_construction"])
             if state == "legacy":
                 ids, vectors = catalog if catalog is not None else self.vectors()
-                _check_graph_body(file, header, ids, vectors)
+                check_graph_body(file, header, ids, vectors)
                 return None
             if header.count != record["count"]:
                 return f"holds {header.count} vectors, but {CATALOG} recorded {record['count']}"
             if header.size != record["bytes"]:
                 return f"has {header.size} bytes, but {CATALOG} recorded {record['bytes']}"
-            if _sha256(file) != record["sha256"]:
+            if sha256_of(file) != record["sha256"]:
                 return f"does not match the SHA-256 recorded in {CATALOG} (damaged)"
-        except _GraphInvalid as exc:
+        except GraphInvalid as exc:
             return f"is damaged ({exc})"
         except OSError as exc:
             return f"could not be read ({exc.strerror or exc})"
@@ -907,11 +1030,6 @@ class CaseIndex:
         count, max_id = self._db.execute("SELECT COUNT(*), COALESCE(MAX(id), 0) FROM cases").fetchone()
         return meta, int(count), int(max_id)
 
-    def graph(self):
-        """The hnswlib graph (:meth:`_graph`: loaded, checked and caught up with the catalog on first use); readers
-        that hold a snapshot query it directly, with at most ``get_current_count()`` neighbours per query."""
-        return self._graph()
-
     # ---- removal (tombstones) and watcher state (medsim.watch) ---------------------------------------------------
 
     @_catalog_access
@@ -935,8 +1053,9 @@ class CaseIndex:
         """Take every case of these studies out of the index, in one transaction (with ``meta`` rows, e.g. a
         watcher's position): each case leaves ``cases`` and becomes a tombstone in ``removed`` (identity, when and
         ``reason``), its file-ledger rows get status 'removed' (a re-upload is indexed again), ``updated_at``
-        changes (so a served snapshot's key changes), and its graph element is marked deleted (saved with the graph).
-        Not a rebuild: the graph keeps marked elements until one. Returns the number of cases removed."""
+        changes (so a served snapshot's key changes), and its vector leaves the store (hnswlib: the graph element is
+        marked deleted, saved with the graph; not a rebuild: the graph keeps marked elements until one; Milvus: the row
+        is deleted). Returns the number of cases removed."""
         if not self._writable:
             raise IndexFormatError("index opened read-only")
         study_uids = sorted({_sql_text(uid) for uid in study_uids})
@@ -962,12 +1081,7 @@ class CaseIndex:
             for key, value in (meta or {}).items():
                 self._set_meta(key, value)
         if removed:
-            hnsw = self._graph()  # loading marks every element without a case deleted
-            for case_id in removed:
-                try:
-                    hnsw.mark_deleted(case_id)
-                except RuntimeError:  # marked already (by the load)
-                    pass
+            self._store().remove(removed)  # (a store loaded just now has dropped them already)
             self._dirty = True
         return len(removed)
 
@@ -1006,10 +1120,6 @@ LATERAL_VIEWS = ("LL", "RL", "LAT", "LATERAL", "LATERAL LEFT", "LATERAL RIGHT")
 VIEW_CLASSES = ("frontal", "lateral", "unknown")
 SEXES = ("F", "M", "O")
 FINDINGS_MODES = ("any", "all")
-# below this share of the index allowed by a filter, the exact scan of the allowed vectors is used instead of the
-# graph's filtered search (it is faster there, and exact); above it the graph with hnswlib's filter callback
-BRUTE_FORCE_SHARE = 0.05
-BRUTE_FORCE_MAX = 20_000
 
 
 def view_class(view: str | None) -> str:
@@ -1137,6 +1247,20 @@ class CaseFilter:
         return True
 
 
+def case_fields(case: Case) -> dict:
+    """The filterable values of a case as a vector store keeps them (:class:`medsim.vectors.MilvusStore`), with the
+    meaning :meth:`CaseFilter.matches` gives them: view class, first letter of the sex, age in years, lower-case
+    labels, YYYYMMDD study date, upper-case modality."""
+    attrs = case.attributes
+    age = _age_years(attrs.get("age"))
+    return {"patient": case.patient_id, "view": view_class(case.view),
+            "sex": str(attrs.get("sex") or attrs.get("patient_sex") or "").strip()[:1].upper(),
+            "age": age if age is not None and math.isfinite(age) else None,
+            "labels": sorted({label.lower() for label in case.labels}),
+            "study_date": str(attrs.get("study_date") or "").replace("-", "")[:16],
+            "modality": case.modality.upper()[:64]}
+
+
 def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
@@ -1150,96 +1274,6 @@ def _age_years(value) -> float | None:
         return float(text[:-1]) / unit if unit else float(text)
     except ValueError:
         return None
-
-
-def filtered_knn(graph, query: np.ndarray, k: int, allowed: np.ndarray, ef: int, members: frozenset | None = None,
-                 excluded: frozenset = frozenset(), allowed_vectors: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(case ids, cosine distances) of the ``k`` nearest of the ``allowed`` case ids (sorted int64, all in
-    ``graph``; ``members``: the same as a set, if at hand) that are not ``excluded``, best first: as many as there
-    are, up to k, always. A selective filter (few allowed cases) scans the allowed vectors exactly; otherwise hnswlib
-    searches its graph with a filter callback, and falls back to the exact scan if it returns fewer than asked (its
-    breadth can miss matches scattered far apart in the graph)."""
-    if excluded:
-        excluded = frozenset(i for i in excluded if (members is not None and i in members) or members is None)
-    available = len(allowed) - (len(excluded) if members is not None else 0)
-    k = min(int(k), available)
-    if k <= 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    query = np.asarray(query, dtype=np.float32).reshape(1, -1)
-    total = graph.get_current_count()
-    if len(allowed) > max(BRUTE_FORCE_SHARE * total, 4 * k) and len(allowed) > 2 * k:
-        members = members if members is not None else frozenset(allowed.tolist())
-        graph.set_ef(max(int(ef), 2 * k))
-        accept = members.__contains__ if not excluded else (lambda i: i in members and i not in excluded)
-        try:
-            labels, distances = graph.knn_query(query, k=k, filter=accept)
-            if labels.shape[1] == k:
-                return labels[0].astype(np.int64), distances[0].astype(np.float32)
-        except RuntimeError:  # fewer than k found at this breadth
-            pass
-    if allowed_vectors is not None and len(allowed_vectors) != len(allowed):
-        allowed_vectors = None
-    if excluded:
-        keep = ~np.isin(allowed, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
-        allowed = allowed[keep]
-        allowed_vectors = allowed_vectors[keep] if allowed_vectors is not None else None
-    return _exact_knn(graph, query[0], k, allowed, allowed_vectors)
-
-
-def _exact_knn(graph, query: np.ndarray, k: int, allowed: np.ndarray,
-               allowed_vectors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    q = query / (np.linalg.norm(query) + 1e-30)
-    best_ids, best_d = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    for start in range(0, len(allowed), BRUTE_FORCE_MAX):
-        ids = allowed[start:start + BRUTE_FORCE_MAX]
-        vectors = (allowed_vectors[start:start + BRUTE_FORCE_MAX] if allowed_vectors is not None
-                   else np.asarray(graph.get_items(ids), dtype=np.float32))  # stored normalised (cosine space)
-        d = (1.0 - vectors @ q).astype(np.float32)
-        best_ids, best_d = np.concatenate([best_ids, ids]), np.concatenate([best_d, d])
-        if len(best_ids) > k:
-            keep = np.argpartition(best_d, k - 1)[:k]
-            best_ids, best_d = best_ids[keep], best_d[keep]
-    order = np.lexsort((best_ids, best_d))[:k]
-    return best_ids[order], best_d[order]
-
-
-def graph_knn(graph, vector: np.ndarray, fetch: int, ef: int) -> tuple[np.ndarray, np.ndarray]:
-    """(labels, cosine distances) of the ``fetch`` nearest elements of an hnswlib ``graph``; when hnswlib finds fewer
-    at breadth ``ef`` (removed cases still in the graph), the whole graph is searched."""
-    query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
-    graph.set_ef(max(ef, fetch))
-    try:
-        labels, distances = graph.knn_query(query, k=fetch)
-    except RuntimeError:
-        graph.set_ef(max(fetch, graph.get_current_count()))  # marked-deleted elements included
-        labels, distances = graph.knn_query(query, k=fetch)
-    return labels[0], distances[0]
-
-
-def top_hits(labels, distances, cases: list[Case], k: int, exclude_patient: str | None = None,
-             exclude_sop_uid: str | None = None) -> list[Hit]:
-    """The first ``k`` neighbours (graph ``labels`` with their cosine distances, best first) that are neither the
-    excluded patient's nor the query itself. ``cases`` are the catalog's cases for those labels; a label without a
-    case (removed, or not in a served snapshot) is skipped, the others keep their own distance."""
-    by_id = {case.id: case for case in cases}
-    hits = []
-    for case_id, distance in zip(np.asarray(labels).tolist(), np.asarray(distances).tolist()):
-        case = by_id.get(int(case_id))
-        if case is None:
-            continue
-        if exclude_patient is not None and case.patient_id == exclude_patient:
-            continue
-        if exclude_sop_uid is not None and case.sop_uid == exclude_sop_uid:
-            continue
-        hits.append(Hit(case=case, score=float(1.0 - distance)))
-    return hits[:k]
-
-
-def _ensure_capacity(hnsw, extra: int) -> None:
-    needed = hnsw.get_current_count() + extra
-    if needed > hnsw.get_max_elements():
-        hnsw.resize_index(max(needed, 2 * hnsw.get_max_elements()))
 
 
 # ---- catalog values ----------------------------------------------------------------------------------------------
@@ -1264,6 +1298,10 @@ def _meta_problem(meta: dict) -> str | None:
         value = meta.get(key)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return f"{key}={value!r}"
+    store = meta.get(STORE_RECORD)
+    if store is not None and not (isinstance(store, dict) and isinstance(store.get("url"), str)
+                                  and isinstance(store.get("catalog"), str)):
+        return f"{STORE_RECORD}={store!r}"
     return None
 
 
@@ -1280,195 +1318,6 @@ def _decode_vectors(rows, dim: int) -> np.ndarray:
         raise _Damage(f"case {bad[0]} has a vector of {len(bad[1])} bytes, the index's {dim} dimensions need "
                       f"{4 * dim}")
     return np.frombuffer(blob, dtype=np.float32).reshape(len(rows), dim)
-
-
-# ---- checking a graph file before hnswlib reads it ---------------------------------------------------------------
-
-class _GraphInvalid(Exception):
-    """vectors.hnsw is not a graph hnswlib can safely load for this index."""
-
-
-# hnswlib's saveIndex header (hnswalg.h, format of 0.6-0.8): offsetLevel0, max_elements, cur_element_count,
-# size_data_per_element, label_offset, offsetData (size_t), maxlevel (int), enterpoint_node (uint32), maxM, maxM0, M
-# (size_t), mult (double), ef_construction (size_t). Then cur_element_count level-0 records of size_data_per_element
-# bytes (link count word, maxM0 links, the vector, the label), then per element a uint32 byte size of its upper-level
-# link lists and those lists (level * (4 + 4 * maxM) bytes).
-_HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
-_MAX_LEVEL = 1000
-
-
-@dataclass(frozen=True)
-class _GraphHeader:
-    size: int  # bytes of the file
-    count: int
-    per_element: int
-    label_offset: int
-    data_offset: int
-    maxlevel: int
-    enterpoint: int
-    maxM: int
-    maxM0: int
-
-
-def _graph_header(file: Path, dim: int, M: int, ef_construction: int) -> _GraphHeader:
-    """The header of a graph file, checked against the index (dimension, M, ef_construction) and the file's size."""
-    with open(file, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        raw = fh.read(_HNSW_HEADER.size)
-    if len(raw) < _HNSW_HEADER.size:
-        raise _GraphInvalid(f"{size} bytes, shorter than its header")
-    (offset0, max_elements, count, per_element, label_offset, data_offset, maxlevel, enterpoint, maxM, maxM0,
-     M_, mult, stored_ef_construction) = _HNSW_HEADER.unpack(raw)
-    links0 = 4 + 4 * maxM0
-    if offset0 != 0 or M_ != M or maxM != M_ or maxM0 != 2 * M_:
-        raise _GraphInvalid(f"header: M={M_}, maxM={maxM}, maxM0={maxM0}; the index uses M={M}")
-    if data_offset != links0 or label_offset != links0 + 4 * dim or per_element != label_offset + 8:
-        raise _GraphInvalid(f"header: element layout ({per_element} bytes, vector at {data_offset}, label at "
-                            f"{label_offset}) is not that of {dim}-d vectors with M={M}")
-    if not count <= max_elements < 1 << 32:
-        raise _GraphInvalid(f"header: {count} elements, capacity {max_elements}")
-    expected_mult = 1.0 / math.log(M) if M > 1 else math.inf
-    if not (mult == expected_mult or math.isclose(mult, expected_mult, rel_tol=1e-15)):
-        raise _GraphInvalid(f"header: level multiplier {mult!r}, expected {expected_mult!r} for M={M}")
-    if stored_ef_construction != max(ef_construction, M):  # hnswlib keeps max(ef_construction, M)
-        raise _GraphInvalid(f"header: ef_construction {stored_ef_construction}, the index uses {ef_construction}")
-    if count == 0:
-        if maxlevel != -1 or size != _HNSW_HEADER.size:
-            raise _GraphInvalid(f"header: no elements, but top level {maxlevel} and {size} bytes")
-    elif not (0 <= maxlevel <= _MAX_LEVEL and enterpoint < count):
-        raise _GraphInvalid(f"header: top level {maxlevel}, entry point {enterpoint} of {count} elements")
-    minimum = _HNSW_HEADER.size + count * (per_element + 4)
-    if size < minimum:
-        raise _GraphInvalid(f"{size} bytes, but its {count} elements need at least {minimum} (truncated)")
-    return _GraphHeader(size, count, per_element, label_offset, data_offset, maxlevel, enterpoint, maxM, maxM0)
-
-
-def _check_graph_body(file: Path, h: _GraphHeader, ids: np.ndarray, vectors: np.ndarray,
-                      chunk: int = 65536) -> None:
-    """Everything hnswlib trusts when it loads and searches a graph, checked without it: every link list's length
-    within its bound, every link to an existing element, every upper-level link to an element that has that level,
-    the level sizes adding up to the file's size and the top level and entry point agreeing with them, no deletion
-    marks (medsim never deletes), every label a distinct case id of the catalog, and each element's vector the
-    catalog's vector of that case (normalised, as hnswlib stores it for cosine): a graph of another catalog fails.
-    For an index from before the catalog recorded its graph's checksum."""
-    n, dim = h.count, vectors.shape[1] if vectors.ndim == 2 else 0
-    if n == 0:
-        return
-    if n > len(ids):
-        raise _GraphInvalid(f"holds {n} vectors, the catalog {len(ids)}")
-    base = _HNSW_HEADER.size
-    level0_end = base + n * h.per_element
-    words = h.per_element // 4
-    level0 = np.memmap(file, dtype=np.uint32, mode="r", offset=base, shape=(n, words))
-    first, data0, label0 = 1, h.data_offset // 4, h.label_offset // 4
-    seen = np.zeros(len(ids), dtype=bool)
-    slots = np.arange(h.maxM0)
-    for start in range(0, n, chunk):
-        part = np.asarray(level0[start:start + chunk])
-        head = part[:, 0]
-        if (head >> 16).any():
-            raise _GraphInvalid(f"element {start + int(np.flatnonzero(head >> 16)[0])} is marked deleted or has stray "
-                                "bits in its link count")
-        counts = head & 0xFFFF
-        if (counts > h.maxM0).any():
-            raise _GraphInvalid(f"element {start + int(np.flatnonzero(counts > h.maxM0)[0])} has more than "
-                                f"{h.maxM0} links")
-        links = part[:, first:first + h.maxM0]
-        if (links[slots < counts[:, None]] >= n).any():
-            raise _GraphInvalid("a level-0 link points past the last element")
-        labels = np.ascontiguousarray(part[:, label0:label0 + 2]).view(np.uint64).ravel().astype(np.int64)
-        where = np.searchsorted(ids, labels)
-        found = (where < len(ids)) & (ids[np.minimum(where, len(ids) - 1)] == labels) & (labels >= 0)
-        if not found.all():
-            raise _GraphInvalid(f"holds id {int(labels[~found][0])}, which is no case of the catalog")
-        if seen[where].any() or len(np.unique(where)) != len(where):
-            raise _GraphInvalid("holds a case id twice")
-        seen[where] = True
-        stored = part[:, data0:data0 + dim].view(np.float32)
-        expected = vectors[where]
-        expected = expected / (np.linalg.norm(expected, axis=1, keepdims=True) + 1e-30)
-        if not (np.abs(stored - expected) <= 1e-4).all():
-            raise _GraphInvalid("its vectors are not the catalog's (a graph of another catalog, or damaged)")
-    del level0
-    with open(file, "rb") as fh:
-        fh.seek(level0_end)
-        tail = np.frombuffer(fh.read(), dtype=np.uint8)
-    if len(tail) % 4:
-        raise _GraphInvalid("its upper-level link lists do not add up to the file's size")
-    tail = tail.view(np.uint32)
-    per_level = 1 + h.maxM  # words: count, maxM links
-    # walk the size words: elements without upper levels have a 0 word; jump over the others' lists
-    nonzero = np.flatnonzero(tail)
-    levels = np.zeros(n, dtype=np.int64)
-    upper: list[tuple[int, int, int]] = []  # element, first word of its lists, levels
-    element, word = 0, 0
-    while element < n:
-        nxt = int(np.searchsorted(nonzero, word))
-        if nxt == len(nonzero):  # the rest are level-0 elements, one 0 word each
-            word += n - element
-            element = n
-            break
-        jump = int(nonzero[nxt]) - word
-        if jump >= n - element:
-            word += n - element
-            element = n
-            break
-        element += jump
-        word += jump
-        size = int(tail[word])
-        if size % (4 * per_level) or size // (4 * per_level) > _MAX_LEVEL:
-            raise _GraphInvalid(f"element {element} has upper-level lists of {size} bytes")
-        levels[element] = size // (4 * per_level)
-        upper.append((element, word + 1, int(levels[element])))
-        word += 1 + size // 4
-        element += 1
-        if word > len(tail):
-            raise _GraphInvalid("its upper-level link lists run past the end of the file (truncated)")
-    if word != len(tail):
-        raise _GraphInvalid(f"{4 * (len(tail) - word)} bytes after its last link list")
-    if int(levels.max()) != h.maxlevel or int(levels[h.enterpoint]) != h.maxlevel:
-        raise _GraphInvalid(f"top level {h.maxlevel} and entry point {h.enterpoint} disagree with the elements' "
-                            f"levels (highest {int(levels.max())})")
-    if upper:
-        owners = np.repeat(np.asarray([u[0] for u in upper]), [u[2] for u in upper])
-        level_of_row = np.concatenate([np.arange(1, u[2] + 1) for u in upper])
-        row_start = np.concatenate([u[1] + per_level * np.arange(u[2]) for u in upper])
-        rows = tail[row_start[:, None] + np.arange(per_level)]
-        counts = rows[:, 0]
-        if (counts > h.maxM).any():
-            raise _GraphInvalid(f"element {int(owners[np.flatnonzero(counts > h.maxM)[0]])} has more than {h.maxM} "
-                                "links on an upper level")
-        mask = np.arange(h.maxM) < counts[:, None]
-        targets = rows[:, 1:][mask].astype(np.int64)
-        if (targets >= n).any():
-            raise _GraphInvalid("an upper-level link points past the last element")
-        if (levels[targets] < np.broadcast_to(level_of_row[:, None], mask.shape)[mask]).any():
-            raise _GraphInvalid("an upper-level link points to an element without that level")
-
-
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _graph_record_of(file: Path, count: int) -> dict:
-    return {"sha256": _sha256(file), "bytes": file.stat().st_size, "count": int(count)}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---- the catalog file --------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ import pytest
 from orthanc_fixtures import make_app, pacs, service  # noqa: F401
 
 from medsim.errors import MedsimError
-from medsim.index import Case, CaseFilter, CaseIndex, filtered_knn, view_class
+from medsim.index import Case, CaseFilter, CaseIndex, view_class
+from medsim.vectors import filtered_knn
 from medsim.operating_point import OperatingPoint
 from medsim.search import FilterError, QueryInfo, Searcher, for_query, parse_filters
 
@@ -103,7 +104,7 @@ def test_filtered_knn_falls_back_to_the_exact_scan(synthetic):
     """The graph path (allowed share above the exact-scan cut) returns min(k, allowed) ids, all allowed."""
     path, cases, vectors, rng = synthetic
     with CaseIndex.open(path) as index:
-        graph = index.graph()
+        graph = index.store().graph
         allowed = index.allowed_ids(parse_filters({"sex": "F"}))
         labels, distances = filtered_knn(graph, rng.normal(size=DIM), 200, allowed, ef=16)
         assert len(labels) == 200 and set(labels.tolist()) <= set(allowed.tolist())

@@ -32,7 +32,7 @@ STAGES: dict[str, int] = {
     "medsim.dicom": 1, "medsim.preprocess": 1, "medsim.phash": 1,
     "medsim.ingest": 2, "medsim.dicomweb": 2,
     "medsim.model": 3,
-    "medsim.index": 4, "medsim.operating_point": 4, "medsim.feedback": 4,
+    "medsim.index": 4, "medsim.operating_point": 4, "medsim.feedback": 4, "medsim.vectors": 4,
     "medsim.build": 5, "medsim.watch": 5, "medsim.search": 5, "medsim.duplicates": 5, "medsim.baselines": 5,
     "medsim.explain": 5, "medsim.cohort": 5,
     "medsim.evaluate": 6, "medsim.evaluate.calibrate": 6, "medsim.train": 6,

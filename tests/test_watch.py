@@ -77,7 +77,7 @@ def test_removal_with_a_stale_graph_and_a_rebuilt_graph(tmp_path):
     (tmp_path / "idx" / VECTORS).unlink()
     with CaseIndex.open(tmp_path / "idx") as index:
         assert all(h.case.study_uid != "1.4.1" for h in index.search(vectors[4], k=36))
-        assert index.graph().get_current_count() == 36  # rebuilt from the catalog: no removed element at all
+        assert index.store().graph.get_current_count() == 36  # rebuilt from the catalog: no removed element at all
     (tmp_path / "idx" / VECTORS).write_bytes(stale)  # not the recorded graph: rebuilt too, never trusted
     with CaseIndex.open(tmp_path / "idx") as index:
         assert len(index.search(vectors[4], k=36)) == 36

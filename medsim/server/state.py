@@ -2,9 +2,9 @@
 
 Thread safety (waitress serves requests on several threads):
 
-* The index is served as one immutable :class:`Snapshot` at a time (its own SQLite connection, hnswlib graph and
-  statistics), read under the snapshot's lock: every read is a few milliseconds, so one lock costs little and keeps
-  SQLite cursors and ``set_ef`` from interleaving. A newer committed index (build-index adding cases, calibrate) is
+* The index is served as one immutable :class:`Snapshot` at a time (its own SQLite connection, vector store -- the
+  hnswlib graph in memory, or a Milvus client -- and statistics), read under the snapshot's lock: every read is a few
+  milliseconds, so one lock costs little and keeps SQLite cursors and ``set_ef`` from interleaving. A newer committed index (build-index adding cases, calibrate) is
   loaded in the background and swapped in atomically (:class:`ServedIndex`); a request reads one snapshot.
 * Decoding an image (upload or PACS instance) is bounded before it starts (header checks) and runs in at most
   ``max_concurrent_decodes`` threads at once.
@@ -38,7 +38,7 @@ from medsim.dicom import ChestPolicy, Radiograph, read_dicom
 from medsim.dicomweb import DicomWebClient, is_dicomweb_url
 from medsim.errors import MedsimError, ReadFailure
 from medsim.files import medsim_home
-from medsim.index import Case, CaseIndex, Hit, filtered_knn, graph_knn, top_hits
+from medsim.index import Case, CaseIndex, Hit, hits
 from medsim.operating_point import OperatingPoint
 from medsim.search import QueryInfo, Searcher
 from medsim.server.settings import Settings
@@ -80,17 +80,17 @@ class LRU:
 @dataclass(frozen=True, eq=False)
 class Snapshot:
     """One committed state of the index as served, never changed once loaded: a read-only :class:`CaseIndex` (its
-    own SQLite connection), its vector graph, the ids the graph holds, and the statistics read with it. A newer
+    own SQLite connection), its vector store, the ids the store holds, and the statistics read with it. A newer
     committed state is a new Snapshot, swapped in whole by :class:`ServedIndex`.
 
-    Every size, case and hit comes from here, so they agree: the catalog may already hold cases that the graph does
-    not (build-index commits more while the snapshot is served); those are "not indexed" in this snapshot, and a
-    search never asks the graph for more neighbours than it holds."""
+    Every size, case and hit comes from here, so they agree: the catalog may already hold cases that the store does
+    not (build-index commits more while the snapshot is served; a Milvus store shared with that writer gets them
+    too, so a search there is bounded by the snapshot's largest id); those are "not indexed" in this snapshot."""
 
     index: CaseIndex
-    graph: object  # hnswlib.Index
-    ids: np.ndarray  # sorted case ids in the graph: the cases this snapshot serves
-    key: tuple  # CaseIndex.state_key() read before the graph was loaded
+    store: object  # medsim.vectors.VectorStore
+    ids: np.ndarray  # sorted case ids in the store: the cases this snapshot serves
+    key: tuple  # CaseIndex.state_key() read before the store was loaded
     stats: dict
     loaded_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)  # the SQLite connection and set_ef, one at a time
@@ -98,19 +98,18 @@ class Snapshot:
 
     @classmethod
     def load(cls, path: Path, model_fingerprint: str | None = None) -> "Snapshot":
-        """Open the index at ``path`` read-only and load its graph. The state key is read first, so a commit made
-        while this loads shows as a newer state at the next check."""
+        """Open the index at ``path`` read-only and load its vector store. The state key is read first, so a commit
+        made while this loads shows as a newer state at the next check."""
         index = CaseIndex.open(path)
         try:
             if model_fingerprint is not None:
                 index.require_model(model_fingerprint)  # an index rebuilt with another model is never swapped in
             key = index.state_key()
-            graph = index.graph()
-            # the graph's ids that are cases: removed cases (tombstones) stay in a graph as elements marked deleted
-            ids = np.intersect1d(np.asarray(graph.get_ids_list(), dtype=np.int64), index.case_ids())
+            store = index.store()
+            ids = np.intersect1d(store.ids(), index.case_ids(), assume_unique=True)  # the store's ids that are cases
             stats = index.stats()
             stats["cases"] = int(len(ids))  # what is searched, whatever the catalog committed meanwhile
-            snapshot = cls(index=index, graph=graph, ids=ids, key=key, stats=stats, loaded_at=time.time())
+            snapshot = cls(index=index, store=store, ids=ids, key=key, stats=stats, loaded_at=time.time())
         except BaseException:
             index.close()
             raise
@@ -171,27 +170,13 @@ class Snapshot:
 
     def search(self, vector: np.ndarray, k: int = 10, exclude_patient: str | None = None,
                exclude_sop_uid: str | None = None, case_filter=None) -> list[Hit]:
-        """:meth:`CaseIndex.search` over this snapshot: at most ``count`` neighbours are asked of the graph."""
-        n = self.count
-        if n == 0 or k <= 0:
+        """:meth:`CaseIndex.search` over this snapshot's cases (Case rows from its cache)."""
+        if self.count == 0 or k <= 0:
             return []
-        if case_filter:  # issue 15: searched among the cases that pass the filter only (medsim.index.filtered_knn)
-
-            with self.lock:
-                allowed, members = self.index.filter_ids(case_filter)  # cached per filter until the catalog changes
-                excluded = self.index.excluded_ids(exclude_patient, exclude_sop_uid)
-                if self.index.state_key() != self.key:  # the catalog moved on: keep this snapshot's cases only
-                    allowed = allowed[np.isin(allowed, self.ids, assume_unique=True)]
-                    members, vectors = frozenset(allowed.tolist()), None
-                else:
-                    vectors = self.index.filter_vectors(case_filter)
-                labels, distances = filtered_knn(self.graph, vector, k, allowed, int(self.meta["ef"]), members,
-                                                 excluded, vectors)
-            return [Hit(case=c, score=float(1.0 - d)) for c, d in zip(self.cases(labels), distances.tolist())]
         with self.lock:
-            excluded = self.index.patient_image_count(exclude_patient) + (1 if exclude_sop_uid else 0)
-            labels, distances = graph_knn(self.graph, vector, min(n, k + excluded), int(self.meta["ef"]))
-        return top_hits(labels, distances, self.cases(labels), k, exclude_patient, exclude_sop_uid)
+            within = None if self.index.state_key() == self.key else self.ids  # the catalog moved on: ours only
+            ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, within)
+        return hits(ids, distances, self.cases(ids))
 
     def close(self) -> None:
         with self.lock:
@@ -395,7 +380,7 @@ class Service:
     # ---- lifecycle -----------------------------------------------------------------------------------------------
 
     def warm_up(self) -> None:
-        """Load the index snapshot (vector graph, statistics), the model (checking its fingerprint against the index)
+        """Load the index snapshot (vector store, statistics), the model (checking its fingerprint against the index)
         and run one embedding."""
         self.index.snapshot()
         size = self.bundle.preprocess.image_size
