@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import struct
+import threading
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -523,6 +524,10 @@ _MAX_TEXT = 1024
 _MAX_LABELS = 4096
 _CATALOG_PROPERTY = "medsim.catalog"  # the catalog's id, so a collection of another index is never used
 _MILVUS_BATCH = 2000
+# milvus-lite runs in this process (a gRPC server per data folder, which locks the folder): stopped when the last
+# store using the folder closes, so another process (a CLI command, the server) can open it
+_LITE_USERS: dict[str, int] = {}
+_LITE_LOCK = threading.Lock()
 
 
 class MilvusStore(VectorStore):
@@ -543,15 +548,23 @@ class MilvusStore(VectorStore):
         self.collection = url.collection
         self.dim, self.M, self.ef_construction, self.ef = dim, M, ef_construction, int(ef)
         self.catalog_id = catalog_id
+        for name, level in (("pymilvus", logging.CRITICAL), ("milvus_lite", logging.WARNING), ("faiss", logging.WARNING),
+                            ("grpc._server", logging.CRITICAL)):  # milvus-lite's in-process server: its calls that
+            logging.getLogger(name).setLevel(level)  # fail come back to us as IndexFormatError, without tracebacks
+        self._lite = None
         if url.kind == "milvus":
             uri = f"http://{url.address}"
         else:
             folder = Path(url.address)
-            uri = str(folder if folder.is_absolute() else Path(index_folder) / folder)
+            uri = os.path.abspath(folder if folder.is_absolute() else Path(index_folder) / folder)
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            with _LITE_LOCK:
+                _LITE_USERS[uri] = _LITE_USERS.get(uri, 0) + 1
+            self._lite = uri
         try:
             self.client = MilvusClient(uri=uri, timeout=30)
         except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
+            self._release_lite()
             raise IndexFormatError(f"vector store {self.url}: cannot connect ({_short(exc)})") from None
         self._loaded = False
 
@@ -614,15 +627,7 @@ class MilvusStore(VectorStore):
 
     def ids(self) -> np.ndarray:
         self._load()
-        out = []
-        iterator = self._call(self.client.query_iterator, self.collection, batch_size=16384, filter="",
-                              output_fields=["id"])
-        try:
-            while batch := self._call(iterator.next):
-                out.extend(row["id"] for row in batch)
-        finally:
-            iterator.close()
-        return np.unique(np.asarray(out, dtype=np.int64))
+        return self._matching_ids("", None)
 
     def count(self) -> int:
         self._load()
@@ -637,7 +642,7 @@ class MilvusStore(VectorStore):
             rows = [{"id": int(i), "vector": v.tolist(), **f} for i, v, f in
                     zip(ids[start:start + _MILVUS_BATCH], vectors[start:start + _MILVUS_BATCH],
                         fields[start:start + _MILVUS_BATCH])]
-            self._call(self.client.upsert, self.collection, rows)
+            self._call(self.client.insert, self.collection, rows)
 
     def remove(self, ids) -> None:
         ids = [int(i) for i in ids]
@@ -675,14 +680,20 @@ class MilvusStore(VectorStore):
         return ids, distances
 
     def _matching_ids(self, expr: str, allowed) -> np.ndarray:
-        found = []
-        iterator = self._call(self.client.query_iterator, self.collection, batch_size=16384, filter=expr,
-                              output_fields=["id"])
-        try:
-            while batch := self._call(iterator.next):
-                found.extend(row["id"] for row in batch)
-        finally:
-            iterator.close()
+        """Sorted ids that match ``expr`` (and are ``allowed``), read in pages by primary key as pymilvus' query
+        iterator does (Milvus returns a page's rows in key order), without its server-side timestamp call."""
+        found, last = [], None
+        while True:
+            page = f"id > {last}" if last is not None else "id >= -9223372036854775808"
+            rows = self._call(self.client.query, self.collection, filter=f"({expr}) and {page}" if expr else page,
+                              limit=16384, output_fields=["id"])
+            if not rows:
+                break
+            batch = [int(row["id"]) for row in rows]
+            found.extend(batch)
+            last = max(batch)
+            if len(rows) < 16384:
+                break
         ids = np.unique(np.asarray(found, dtype=np.int64))
         return ids[np.isin(ids, allowed)] if allowed is not None else ids
 
@@ -714,6 +725,20 @@ class MilvusStore(VectorStore):
             self.client.close()
         except Exception:  # noqa: BLE001 - closing a connection that failed
             pass
+        self._release_lite()
+
+    def _release_lite(self) -> None:
+        if self._lite is None:
+            return
+        with _LITE_LOCK:
+            _LITE_USERS[self._lite] -= 1
+            last = _LITE_USERS[self._lite] == 0
+            if last:
+                del _LITE_USERS[self._lite]
+                from milvus_lite.server_manager import server_manager_instance
+
+                server_manager_instance.release_server(self._lite)
+        self._lite = None
 
     def _call(self, method, *args, **kwargs):
         """A pymilvus call whose failure (server gone, refused request) is one IndexFormatError line."""
