@@ -38,15 +38,28 @@ GRID = """() => {
 }"""
 
 
+# the overlays over the images: their boxes, their viewport canvas's box, the image's and the PNG's sizes
+OVERLAYS = """() => [...document.querySelectorAll('[data-cy="medsim-compare-overlay"]')].map(o => {
+    const pane = o.closest('[data-cy="viewport-pane"]').querySelector('canvas.cornerstone-canvas')
+      .getBoundingClientRect();
+    const box = o.getBoundingClientRect();
+    return {role: o.dataset.role, pane: [pane.left, pane.top, pane.right, pane.bottom],
+            box: [box.left, box.top, box.right, box.bottom], columns: Number(o.dataset.columns),
+            rows: Number(o.dataset.rows), ow: o.naturalWidth, oh: o.naturalHeight};
+})"""
+
+
 def grid(page) -> dict:
     return page.evaluate(GRID)
 
 
 def drag(page, box: dict, dx: float, dy: float) -> None:
-    """A left-button drag across the middle of a viewport: OHIF's basic viewer adjusts window/level with it (after a
-    first click that makes the viewport the active one, which OHIF takes for itself)."""
+    """A left-button drag across the middle of a viewport: OHIF's basic viewer adjusts window/level with it. A click
+    first makes the viewport the active one (OHIF takes that click for itself); it is made elsewhere and a while before
+    the drag, else the drag's press would be the second click of a double click, which is no drag."""
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.click(x, y)
+    page.mouse.click(x - 40, y - 40)
+    page.wait_for_timeout(700)
     page.mouse.move(x, y)
     page.mouse.down()
     for step in range(1, 11):
@@ -96,6 +109,34 @@ def test_compare_query_and_hit_side_by_side(stack, context):
     assert page.locator('[data-cy="medsim-similar-panel"][data-status="results"]').is_visible()
     assert len(results(page)) == len(found)
 
+    # "where they match": an overlay on each image, lying on the image (same box as the image in the viewport)
+    page.click('[data-cy="medsim-explain-toggle"]')
+    page.wait_for_function("""() => { const o = [...document.querySelectorAll('[data-cy="medsim-compare-overlay"]')];
+        return o.length === 2 && o.every(i => i.complete && i.naturalWidth > 0); }""", timeout=240_000)
+    placed = page.evaluate(OVERLAYS)
+    assert sorted(p["role"] for p in placed) == ["hit", "query"]
+    for one in placed:
+        (pl, pt, pr, pb), (bl, bt, br, bb) = one["pane"], one["box"]
+        assert pl - 1 <= bl < br <= pr + 1 and pt - 1 <= bt < bb <= pb + 1, one  # inside its viewport
+        assert abs(one["ow"] / one["oh"] - one["columns"] / one["rows"]) < 0.03, one  # the PNG has the image's shape
+        # where the viewer draws the image: fitted into the canvas (contain) and centred
+        scale = min((pr - pl) / one["columns"], (pb - pt) / one["rows"])
+        width, height = one["columns"] * scale, one["rows"] * scale
+        expected = [(pl + pr - width) / 2, (pt + pb - height) / 2, (pl + pr + width) / 2, (pt + pb + height) / 2]
+        assert all(abs(got - want) < 3 for got, want in zip(one["box"], expected)), (one, expected)
+    OUT.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(OUT / "side-by-side.png"))
+    # the overlay follows the camera: zoomed 2x, it is twice as large
+    page.evaluate("""() => { const vp = window.services.cornerstoneViewportService
+        .getCornerstoneViewport('medsim-compare-query'); vp.setZoom(2 * vp.getZoom()); vp.render(); }""")
+    page.wait_for_timeout(500)
+    zoomed = next(p for p in page.evaluate(OVERLAYS) if p["role"] == "query")
+    first = next(p for p in placed if p["role"] == "query")
+    assert abs((zoomed["box"][2] - zoomed["box"][0]) / (first["box"][2] - first["box"][0]) - 2) < 0.02, zoomed
+    page.click('[data-cy="medsim-explain-toggle"]')
+    page.wait_for_function("""() => !document.querySelector('[data-cy="medsim-compare-overlay"]')""",
+                           timeout=10_000)
+
     # window/level: independent by default, linked with the toggle on
     before = grid(page)["viewports"]
     drag(page, boxes[0], 60, 40)
@@ -117,30 +158,6 @@ def test_compare_query_and_hit_side_by_side(stack, context):
     unsynced = grid(page)["viewports"]
     drag(page, boxes[0], 70, 70)
     assert grid(page)["viewports"][1]["voi"] == unsynced[1]["voi"], "still linked after sync was switched off"
-
-    # "where they match": an overlay on each image, lying on the image (same box as the image in the viewport)
-    page.click('[data-cy="medsim-explain-toggle"]')
-    page.wait_for_function("""() => { const o = [...document.querySelectorAll('[data-cy="medsim-compare-overlay"]')];
-        return o.length === 2 && o.every(i => i.complete && i.naturalWidth > 0); }""", timeout=240_000)
-    placed = page.evaluate("""() => [...document.querySelectorAll('[data-cy="medsim-compare-overlay"]')].map(o => {
-        const pane = o.closest('[data-cy="viewport-pane"]').getBoundingClientRect();
-        const box = o.getBoundingClientRect();
-        return {role: o.dataset.role, pane: [pane.left, pane.top, pane.right, pane.bottom],
-                box: [box.left, box.top, box.right, box.bottom], columns: Number(o.dataset.columns),
-                rows: Number(o.dataset.rows), ow: o.naturalWidth, oh: o.naturalHeight};
-    })""")
-    assert sorted(p["role"] for p in placed) == ["hit", "query"]
-    for one in placed:
-        (pl, pt, pr, pb), (bl, bt, br, bb) = one["pane"], one["box"]
-        assert pl - 1 <= bl < br <= pr + 1 and pt - 1 <= bt < bb <= pb + 1, one  # inside its viewport
-        assert abs((br - bl) / (bb - bt) - one["columns"] / one["rows"]) < 0.02, one  # the image's shape
-        assert abs(one["ow"] / one["oh"] - one["columns"] / one["rows"]) < 0.03, one  # the PNG's shape too
-        assert max(br - bl, bb - bt) > 0.8 * min(pr - pl, pb - pt), one  # fitted like the image, not a thumbnail
-    OUT.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(OUT / "side-by-side.png"))
-    page.click('[data-cy="medsim-explain-toggle"]')
-    page.wait_for_function("""() => !document.querySelector('[data-cy="medsim-compare-overlay"]')""",
-                           timeout=10_000)
 
     # close: the query alone again
     page.click('[data-cy="medsim-compare-close"]')
