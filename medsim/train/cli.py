@@ -74,6 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adversary", type=float, default=d.adversary,
                         help="gradient-reversal strength of the source head of the 'adv' objective (default: "
                         "%(default)s)")
+    parser.add_argument("--feedback", type=Path, metavar="FILE.csv",
+                        help="relevance votes from the viewer (`medsim feedback export`) as extra positive / negative "
+                        "pairs; a vote names a training image by the SOP UID build-index gave it (DICOM: its "
+                        "SOPInstanceUID; PNG/JPEG: from its path under --images); votes on other images or on the "
+                        "validation split are reported and skipped")
+    parser.add_argument("--feedback-weight", type=float, default=d.feedback_weight,
+                        help="weight of the feedback term (default: %(default)s)")
     parser.add_argument("--device", default=d.device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--workers", type=int, default=d.workers, help="data loader processes (default: "
@@ -111,6 +118,7 @@ def command(args) -> int:
         select=args.select, rarity=args.rarity, cross_source=args.cross_source,
         source_balance=args.source_balance, adversary=args.adversary, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
         workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch, int8_check=not args.no_int8_check,
+        feedback=str(args.feedback) if args.feedback else None, feedback_weight=args.feedback_weight,
     )
     try:
         trainer = Trainer(config, resume=args.resume, restart=args.restart, overwrite=args.overwrite,

@@ -51,14 +51,18 @@ class TrainConfig:
     device: str = "cpu"
     workers: int = 0
     max_steps_per_epoch: int | None = None  # tests and smoke runs
+    feedback: str | None = None  # relevance votes (`medsim feedback export` CSV) as extra pairs (medsim.train.feedback)
+    feedback_weight: float = 1.0  # weight of the feedback term
 
     # what must match for --resume (the rest may change: out, epochs, device, ...)
     RESUME_KEYS = ("objective", "train_layers", "pooling", "embedding_dim", "batch_size", "lr", "head_lr",
                    "weight_decay", "temperature", "views", "feature_augment", "validation_fraction", "seed",
-                   "select", "init", "rarity", "cross_source", "source_balance", "adversary")
+                   "select", "init", "rarity", "cross_source", "source_balance", "adversary", "feedback",
+                   "feedback_weight")
 
     # what a run recorded before a setting existed was trained with (--resume compares against these)
-    LEGACY: ClassVar[dict] = {"rarity": 0.0, "cross_source": 1.0, "source_balance": 0.0, "adversary": 1.0}
+    LEGACY: ClassVar[dict] = {"rarity": 0.0, "cross_source": 1.0, "source_balance": 0.0, "adversary": 1.0,
+                              "feedback": None, "feedback_weight": 1.0}
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in self.RESUME_KEYS + ("epochs", "patience", "max_steps_per_epoch")}

@@ -85,12 +85,13 @@ def source_balanced_weights(sources: Sequence[int], strength: float) -> torch.Te
 def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: torch.device, folder: RunFolder,
         resume: bool, val_idx: Sequence[int], report: Callable[[np.ndarray], dict], score: Callable[[dict], float],
         elapsed: Callable[[], float], say: Callable[[str], None],
-        on_epoch: Callable[[dict], None] | None = None, label_frequency: Sequence[float] | None = None
-        ) -> list[dict]:
+        on_epoch: Callable[[dict], None] | None = None, label_frequency: Sequence[float] | None = None,
+        feedback=None) -> list[dict]:
     """Train ``net`` for the epochs ``config`` asks (continuing the checkpoint in ``folder`` when ``resume``) and
     return the history, one row per epoch. ``report`` turns validation embeddings (``val_idx`` order) into a
     retrieval report, ``score`` a report into the number that picks the best epoch; ``elapsed()`` is the run's
-    wall time so far; ``on_epoch`` gets each epoch's row once its checkpoint is written."""
+    wall time so far; ``on_epoch`` gets each epoch's row once its checkpoint is written; ``feedback``
+    (:class:`medsim.train.feedback.FeedbackBatches`) adds voted pairs to every training batch."""
     from ignite.engine import Events
     from monai.data import DataLoader
     from monai.engines import SupervisedEvaluator, SupervisedTrainer
@@ -108,6 +109,8 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
 
     def prepare_train_batch(batchdata, device=None, non_blocking=False, **kwargs):
         x, targets = prepare_batch(batchdata, device, non_blocking)
+        if feedback is not None:
+            x, targets = feedback.extend(x, targets)
         return (jitter(x) if jitter is not None else x), targets
 
     g = torch.Generator()
@@ -133,7 +136,8 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule_lambda(cfg.epochs, 1))
     lw = label_weights(label_frequency, cfg.rarity) if cfg.rarity and label_frequency is not None else None
-    loss = RetrievalLoss(parse_objective(cfg.objective), cfg.temperature, label_weight=lw,
+    weights = {**parse_objective(cfg.objective), **({"feedback": cfg.feedback_weight} if feedback is not None else {})}
+    loss = RetrievalLoss(weights, cfg.temperature, label_weight=lw,
                          cross_source=cfg.cross_source).to(device)
 
     epoch_length = min(len(train_loader), int(cfg.max_steps_per_epoch)) if cfg.max_steps_per_epoch else None

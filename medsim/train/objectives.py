@@ -35,6 +35,7 @@ from torch import nn
 
 from medsim.model.network import build_pooling
 from medsim.train.config import OBJECTIVES
+from medsim.train.feedback import feedback_loss
 
 
 def parse_objective(text: str) -> dict[str, float]:
@@ -205,10 +206,11 @@ class RetrievalLoss(nn.Module):
             p = {"embedding": pred["embedding"].float(), "logits": pred["logits"].float()}
             if "source_logits" in pred:
                 p["source_logits"] = pred["source_logits"].float()
-            return self._forward(p, targets["labels"].float(), targets["patient"], targets.get("source"))
+            return self._forward(p, targets["labels"].float(), targets["patient"], targets.get("source"),
+                                 targets.get("pairs"))
 
     def _forward(self, pred: Mapping[str, torch.Tensor], labels: torch.Tensor, patients: torch.Tensor,
-                 sources: torch.Tensor | None = None) -> torch.Tensor:
+                 sources: torch.Tensor | None = None, pairs: torch.Tensor | None = None) -> torch.Tensor:
         total = pred["embedding"].new_zeros(())
         parts = {}
         lw = self.label_weight if self.label_weight.numel() else None
@@ -222,6 +224,8 @@ class RetrievalLoss(nn.Module):
             parts["adv"] = F.cross_entropy(pred["source_logits"], sources)
         if "ms" in self.weights:
             parts["ms"] = multi_similarity_loss(pred["embedding"], labels, patients)
+        if "feedback" in self.weights and pairs is not None:  # --feedback: voted pairs (medsim.train.feedback)
+            parts["feedback"] = feedback_loss(pred["embedding"], pairs)
         for name, value in parts.items():
             total = total + self.weights[name] * value
         self.last = {k: float(v.detach()) for k, v in parts.items()}

@@ -35,6 +35,7 @@ from medsim.train.config import FEATURES_END, TRAIN_LAYERS, TrainConfig, TrainEr
 from medsim.train.data import Split, SplitSet, TrainDataError, load_train_set, map_vocabulary, patient_split, remap
 from medsim.train.datasets import INPUT, build_datasets, source_families
 from medsim.train.export import write_bundle
+from medsim.train.feedback import FeedbackBatches, FeedbackPairs
 from medsim.train.features import POOL4_END
 from medsim.train.objectives import RetrievalNet, decode_tensor, init_projection, parse_objective
 from medsim.train.validation import K, fmt, headline, paired_difference, selection_score, validation_report
@@ -259,6 +260,7 @@ class Trainer:
         self.existing = self._open_run()
         t0 = time.perf_counter()
         self.data = data = self._load_data()
+        pairs = FeedbackPairs.load(cfg.feedback, data, self.say) if cfg.feedback else None  # before any slow step
         self.timings["data_seconds"] = time.perf_counter() - t0
         if self.existing is None:
             self.folder.create({
@@ -290,7 +292,8 @@ class Trainer:
         history = fit(net, train_ds, val_ds, config=cfg, device=self.device, folder=self.folder, resume=self.resume,
                       val_idx=data.val_idx, report=self._report,
                       score=lambda report: selection_score(report, cfg.select), elapsed=self._elapsed, say=self.say,
-                      on_epoch=self.on_epoch, label_frequency=list(data.label_frequency().values()))
+                      on_epoch=self.on_epoch, label_frequency=list(data.label_frequency().values()),
+                      feedback=FeedbackBatches(pairs, train_ds, data.train_idx, cfg.seed) if pairs else None)
         self.timings["train_seconds"] = time.perf_counter() - t0
 
         # the best checkpoint -> bundle
