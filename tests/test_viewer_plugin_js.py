@@ -107,3 +107,24 @@ def test_the_packed_plugin_imports_by_package_name(tmp_path):
 
     assert json.loads(done.stdout) == {"extension": "@medsim/extension-similar-cases",
                                        "mode": "@medsim/mode-similar-cases"}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed (Node.js 18+ runs the plugin tests)")
+def test_every_filter_chip_sends_a_filter_the_server_accepts():
+    """Each panel chip's filters object (logic.js, under node) parses with the server's own parser, into that filter."""
+    import json
+
+    from medsim.search import parse_filters
+
+    script = ("const m = await import('./plugin/ohif/src/logic.js');"
+              "console.log(JSON.stringify(m.FILTER_CHIPS.map(c => [c.group,"
+              " m.filtersFromChips({[c.group]: c.id}, ['Effusion'])])));")
+    done = subprocess.run(["node", "--input-type=module", "-e", script], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    chips = json.loads(done.stdout)
+    assert {group for group, _ in chips} == {"view", "sex", "findings", "age", "modality", "study_date"}
+    for group, spec in chips:
+        assert list(spec) == [group], spec
+        applied = parse_filters(spec).to_dict()
+        assert group in applied, (spec, applied)

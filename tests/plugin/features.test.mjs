@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { calibrationText, createController, explainUrl, filtersFromChips, initialState, panelModel,
+import { calibrationText, createController, explainUrl, filtersFromChips, yearsBefore, initialState, panelModel,
   queryFromInstance, reducer, similarRequest, STATUS, undrawableReason } from '../../plugin/ohif/src/logic.js';
 import { renderPanel } from '../../plugin/ohif/src/panel.js';
 import { container } from './fake-dom.mjs';
@@ -73,7 +73,7 @@ test('controller: a chip searches again with its filter; the toggle fetches and 
   const root = container();
   renderPanel(root, model, { retry() {}, showAnyway() {}, toggleChip() {}, toggleExplain() {} });
   assert.equal(root.findAll('data-cy', 'medsim-overlay').length, 1);
-  assert.equal(root.findAll('data-cy', 'medsim-filter-chip').length, 6);
+  assert.equal(root.findAll('data-cy', 'medsim-filter-chip').length, 14);
   assert.match(root.findAll('data-cy', 'medsim-op-warning')[0].textContent, /16 labeled queries/);
   assert.match(root.findAll('data-cy', 'medsim-calibration')[0].textContent, /calibrated on 16/);
   await ctl.toggleExplain();
@@ -96,4 +96,15 @@ test('an image the viewer cannot draw (Deflated transfer syntax) gets a message,
   later = reducer(later, { type: 'succeeded', seq: later.seq, response: { query: { sop_uid: '3',
     transfer_syntax: '1.2.840.10008.1.2.1.99' }, results: [] } });
   assert.match(panelModel(later).undrawable, /Deflated/);
+});
+
+test('age, modality and study-date chips map to the API filters (one chip per group)', () => {
+  const now = new Date(2026, 10, 30);
+  assert.deepEqual(filtersFromChips({ age: 'age-40-64' }), { age: { min: 40, max: 64 } });
+  assert.deepEqual(filtersFromChips({ age: 'age-65' }), { age: { min: 65 } });
+  assert.deepEqual(filtersFromChips({ modality: 'modality-DX' }), { modality: 'DX' });
+  assert.deepEqual(filtersFromChips({ study_date: 'date-1y' }, null, now), { study_date: { from: '2025-11-30' } });
+  assert.deepEqual(filtersFromChips({ study_date: 'date-5y', sex: 'sex-F' }, null, now),
+    { sex: 'F', study_date: { from: '2021-11-30' } });
+  assert.equal(yearsBefore(new Date(2024, 1, 29), 1), '2023-03-01', 'no 29 February a year later: the next day');
 });

@@ -141,11 +141,28 @@ export const FILTER_CHIPS = Object.freeze([
   { id: 'sex-F', group: 'sex', label: 'Female', value: 'F' },
   { id: 'sex-M', group: 'sex', label: 'Male', value: 'M' },
   { id: 'findings-query', group: 'findings', label: 'Same findings', value: 'query' },
+  // age bands in years, bounds included (ages are whole years, except infants', who fall in the first band)
+  { id: 'age-0-17', group: 'age', label: 'Age 0–17', value: { min: 0, max: 17 } },
+  { id: 'age-18-39', group: 'age', label: '18–39', value: { min: 18, max: 39 } },
+  { id: 'age-40-64', group: 'age', label: '40–64', value: { min: 40, max: 64 } },
+  { id: 'age-65', group: 'age', label: '65+', value: { min: 65 } },
+  { id: 'modality-CR', group: 'modality', label: 'CR', value: 'CR' },
+  { id: 'modality-DX', group: 'modality', label: 'DX', value: 'DX' },
+  // study date: from a date before today (the API's study_date range)
+  { id: 'date-1y', group: 'study_date', label: 'Past year', value: { yearsBack: 1 } },
+  { id: 'date-5y', group: 'study_date', label: 'Past 5 years', value: { yearsBack: 5 } },
 ]);
 
+/** "YYYY-MM-DD" of the day `years` before `now` (local calendar). */
+export function yearsBefore(now, years) {
+  const day = new Date(now.getFullYear() - years, now.getMonth(), now.getDate());
+  const pad = n => String(n).padStart(2, '0');
+  return `${day.getFullYear()}-${pad(day.getMonth() + 1)}-${pad(day.getDate())}`;
+}
+
 /** The API's filters object for the chips that are on (`active`: {group: chip id}); `queryLabels` for "same
- * findings" (a chip that needs them is left out while they are unknown). */
-export function filtersFromChips(active = {}, queryLabels = null) {
+ * findings" (a chip that needs them is left out while they are unknown); `now` for the study-date chips. */
+export function filtersFromChips(active = {}, queryLabels = null, now = new Date()) {
   const filters = {};
   for (const chip of FILTER_CHIPS) {
     if (active[chip.group] !== chip.id) {
@@ -155,6 +172,8 @@ export function filtersFromChips(active = {}, queryLabels = null) {
       if (queryLabels && queryLabels.length) {
         filters.findings = { any: queryLabels.slice(0, 50) };
       }
+    } else if (chip.group === 'study_date') {
+      filters.study_date = { from: yearsBefore(now, chip.value.yearsBack) };
     } else {
       filters[chip.group] = chip.value;
     }
