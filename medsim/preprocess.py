@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -54,24 +54,11 @@ class PreprocessSpec:
 
     def transform(self):
         """The MONAI pipeline: (H, W) float [0, 1] -> (3, S, S) float32 numpy array."""
-        from monai.transforms import (
-            Compose,
-            EnsureChannelFirst,
-            EnsureType,
-            NormalizeIntensity,
-            RepeatChannel,
-            Resize,
-            ScaleIntensityRange,
-            SpatialPad,
-        )
+        from monai.transforms import Compose, EnsureType, NormalizeIntensity, RepeatChannel
 
-        size = self.image_size
         return Compose(
             [
-                EnsureChannelFirst(channel_dim="no_channel"),
-                Resize(spatial_size=size, size_mode="longest", mode="area"),
-                SpatialPad(spatial_size=(size, size), mode="constant"),
-                ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=self.scale),
+                *self._grey_steps(),
                 RepeatChannel(repeats=3),
                 NormalizeIntensity(
                     subtrahend=np.asarray(self.mean, dtype=np.float32),
@@ -82,6 +69,24 @@ class PreprocessSpec:
             ]
         )
 
+    def grey_transform(self):
+        """The pipeline up to the channels: (H, W) float [0, 1] -> (1, S, S) float32 numpy array, scaled, not yet
+        normalised (:func:`channels` finishes it, bit for bit as :meth:`transform`)."""
+        from monai.transforms import Compose, EnsureType
+
+        return Compose([*self._grey_steps(), EnsureType(data_type="numpy", dtype=np.float32, track_meta=False)])
+
+    def _grey_steps(self) -> list:
+        from monai.transforms import EnsureChannelFirst, Resize, ScaleIntensityRange, SpatialPad
+
+        size = self.image_size
+        return [
+            EnsureChannelFirst(channel_dim="no_channel"),
+            Resize(spatial_size=size, size_mode="longest", mode="area"),
+            SpatialPad(spatial_size=(size, size), mode="constant"),
+            ScaleIntensityRange(a_min=0.0, a_max=1.0, b_min=0.0, b_max=self.scale),
+        ]
+
 
 # Keras "caffe" convention of the original Oxford VGG-16 weights: 0..255, BGR, mean-subtracted, no scaling by std.
 CAFFE_VGG16 = PreprocessSpec()
@@ -91,12 +96,36 @@ TORCHVISION_IMAGENET = PreprocessSpec(
 )
 
 
+def channels(grey: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """(1, S, S) scaled grey -> (3, S, S) model input: the grey channel repeated and normalised per channel with the
+    spec's mean and std, in float32 as MONAI's NormalizeIntensity does it (same bits; tests/test_preprocess.py)."""
+    out = np.empty((3, *grey.shape[1:]), dtype=np.float32)
+    for c, (mean, std) in enumerate(zip(spec.mean, spec.std)):
+        np.divide(np.subtract(grey[0], np.float32(mean), dtype=np.float32), np.float32(std), out=out[c])
+    return out
+
+
 @dataclass(frozen=True)
 class PreparedImage:
-    """A model input tensor that remembers which preprocessing made it."""
+    """A model input tensor that remembers which preprocessing made it.
+
+    Made by :func:`prepare`, it also keeps its grey channel and spec, and is pickled as those: a build-index worker
+    sends a third of the bytes to the embedding process, which rebuilds the same array (:func:`channels`)."""
 
     array: np.ndarray  # (3, S, S) float32
     spec_fingerprint: str
+    grey: np.ndarray | None = field(default=None, repr=False, compare=False)  # (1, S, S), before normalisation
+    spec: PreprocessSpec | None = field(default=None, repr=False, compare=False)
+
+    def __reduce__(self):
+        if self.grey is None or self.spec is None:
+            return PreparedImage, (self.array, self.spec_fingerprint)
+        return _from_grey, (self.grey, self.spec.to_dict())
+
+
+def _from_grey(grey: np.ndarray, spec: dict) -> PreparedImage:
+    made = PreprocessSpec.from_dict(spec)
+    return PreparedImage(channels(grey, made), made.fingerprint)
 
 
 _TRANSFORMS: dict[str, object] = {}
@@ -106,6 +135,6 @@ def prepare(pixels: np.ndarray, spec: PreprocessSpec) -> PreparedImage:
     """Run ``spec``'s transform on one display-ready image (the transform is built once per process)."""
     key = spec.fingerprint
     if key not in _TRANSFORMS:
-        _TRANSFORMS[key] = spec.transform()
-    array = _TRANSFORMS[key](np.asarray(pixels, dtype=np.float32))
-    return PreparedImage(array=np.ascontiguousarray(array, dtype=np.float32), spec_fingerprint=key)
+        _TRANSFORMS[key] = spec.grey_transform()
+    grey = np.ascontiguousarray(_TRANSFORMS[key](np.asarray(pixels, dtype=np.float32)), dtype=np.float32)
+    return PreparedImage(array=channels(grey, spec), spec_fingerprint=key, grey=grey, spec=spec)
