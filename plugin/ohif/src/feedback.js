@@ -146,6 +146,7 @@ function thumb(doc, item, direction, model, actions) {
   node.className = `medsim-vote medsim-vote-${direction}${on ? ' medsim-vote-on' : ''}`;
   node.setAttribute('data-cy', `medsim-vote-${direction}`);
   node.setAttribute('aria-pressed', on ? 'true' : 'false');
+  node.setAttribute('aria-label', direction === UP ? 'thumbs up' : 'thumbs down');
   node.title = direction === UP ? 'Relevant: a similar case (again: withdraw)'
     : 'Not relevant (again: withdraw)';
   node.disabled = !!model.busy;
