@@ -16,13 +16,15 @@ and recall@10 against the exact top 10 of the allowed cases. The unfiltered sear
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 
 from benchmarks.bench_search import make_vectors
-from benchmarks.common import WORK, machine, percentile, say, write_result
+from benchmarks.common import RESULTS, WORK, machine, percentile, say, write_result
 
 FILTERS = {
     "none (baseline)": None,
@@ -64,6 +66,33 @@ def build(n: int, path, reuse: bool = False) -> tuple[np.ndarray, list, np.ndarr
             index.add(cases[start:start + 10_000], vectors[start:start + 10_000], "bench")
     say(f"built {n} cases in {time.perf_counter() - started:.1f} s")
     return vectors, cases, queries
+
+
+def section_filters(results: Path = RESULTS) -> list[str]:
+    """The docs/performance.md section from benchmarks/results/filters.json (empty when it was never run)."""
+    path = results / "filters.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m = data.get("machine", {})
+    load = m.get("load_average_1_5_15min") or ["?"]
+    busy = ": other work shared the cores, so the p99s are noisy" if isinstance(load[0], (int, float)) and \
+        load[0] >= 1.5 else ""
+    one = min(data["rows"], key=lambda r: abs(r["share"] - 0.01))
+    rows = [f"| {r['filter']} | {r['share'] * 100:.1f} % | {r['allowed']:,} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['recall_at_10']:.3f} |" for r in data["rows"]]
+    return [
+        "## Filtered search (issue 15)", "",
+        f"`CaseIndex.search` end to end (SQL selection of the cases that pass, exact scan under 5 % or hnswlib's "
+        f"filter callback, reading the hits' rows) on a real index of {data['n']:,} clustered 512-d vectors (M = 32, "
+        f"ef = 64), k = {data['k']}, {data['queries']} queries one at a time (`benchmarks/bench_filters.py`; "
+        f"{m.get('logical_cpus', '?')} logical CPUs, {m.get('cpu', '?')}, {data.get('created_at', '')}, 1-min "
+        f"load average {load[0]}{busy}).", "",
+        f"A filter that keeps {one['share'] * 100:.0f} % of the cases ({one['filter']}): p50 **{one['p50_ms']:.2f} ms**, "
+        f"p99 **{one['p99_ms']:.2f} ms**, recall@10 {one['recall_at_10']:.3f}.", "",
+        "| filter | cases kept | cases | p50 ms | p99 ms | recall@10 |", "|---|---:|---:|---:|---:|---:|",
+        *rows, "",
+    ]
 
 
 def main(argv=None) -> int:

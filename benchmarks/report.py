@@ -611,6 +611,7 @@ def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes
         lines += [notes.strip(), ""]
     others = [_load(p.stem, results) for p in sorted(results.glob("build_*.json"))]
     lines += section_decode(decode) + section_embed(embed) + section_build(build, others) + section_search(search)
+    lines += __import__("benchmarks.bench_filters", fromlist=["section_filters"]).section_filters(results)  # issue 15
     lines += section_service(service) + section_realistic(decode_realistic, build_realistic) + section_gpu(gpu)
     lines += __import__("benchmarks.bench_watch", fromlist=["section_watch"]).section_watch(results)  # issue 16
     lines += ["## Reproduce", "",
