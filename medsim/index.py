@@ -360,6 +360,14 @@ class CaseIndex:
                 raise IndexFormatError(f"{printable(path)} already holds an index")
             for suffix in ("-wal", "-shm", "-journal"):  # left by a catalog that is gone: SQLite would replay them
                 (path / (CATALOG + suffix)).unlink(missing_ok=True)
+            store_record = {"url": str(store_url), "catalog": uuid.uuid4().hex}
+            if store_url.kind != HNSWLIB:  # before the catalog exists: a refused collection leaves no index behind
+                store = open_milvus(store_url, path, {"dim": dim, "M": M, "ef_construction": ef_construction,
+                                                      "ef": ef}, store_record["catalog"])
+                try:
+                    store.create()
+                finally:
+                    store.close()
             db = _connect(path / CATALOG)
             now = time.time()
             meta = {
@@ -377,12 +385,7 @@ class CaseIndex:
                 GRAPH_RECORD: None,  # no graph saved for this catalog yet: a vectors.hnsw already there is not ours
             }
             if store_url.kind != HNSWLIB:
-                meta[STORE_RECORD] = {"url": str(store_url), "catalog": uuid.uuid4().hex}
-                store = open_milvus(store_url, path, meta, meta[STORE_RECORD]["catalog"])
-                try:
-                    store.create()  # before the catalog exists: a refused collection leaves no index behind
-                finally:
-                    store.close()
+                meta[STORE_RECORD] = store_record
             with db:
                 db.executescript(SCHEMA)
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
