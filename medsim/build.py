@@ -27,7 +27,7 @@ from medsim.dicomweb import (DicomWebClient, InstanceRef, InstanceTooLarge, Pacs
                              is_dicomweb_url)
 from medsim.errors import ReadFailure, SkipFile, short
 from medsim.index import Case, CaseIndex, FileRecord
-from medsim.ingest import LabelTable, read_any, walk
+from medsim.ingest import LabelTable, case_attributes, read_any, walk
 from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
 
 SAVE_EVERY_SECONDS = 60.0
@@ -129,16 +129,10 @@ def read_for_index(path: str | Path, policy: ChestPolicy, image_size: int, root:
 def case_from_radiograph(radiograph, source_path: str) -> Case:
     from medsim.phash import perceptual_hash_or_empty
 
-    attributes = {
-        "photometric": radiograph.photometric, "transfer_syntax": radiograph.transfer_syntax,
-        "study_date": radiograph.study_date, "study_description": radiograph.study_description,
-        "reader": radiograph.reader,
-    }
     return Case(
         sop_uid=radiograph.sop_uid, series_uid=radiograph.series_uid, study_uid=radiograph.study_uid,
         patient_id=radiograph.patient_id, source_path=source_path, view=radiograph.view,
-        modality=radiograph.modality, pixel_hash=radiograph.pixel_hash,
-        attributes={k: v for k, v in attributes.items() if v},
+        modality=radiograph.modality, pixel_hash=radiograph.pixel_hash, attributes=case_attributes(radiograph),
         phash=perceptual_hash_or_empty(radiograph.pixels),
     )
 

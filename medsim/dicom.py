@@ -121,7 +121,7 @@ class Radiograph:
     bits_stored: int = 8
     reader: str = "pydicom"
     pixel_hash: str = ""
-    attributes: dict = field(default_factory=dict)
+    attributes: dict = field(default_factory=dict)  # raw optional header texts (DEMOGRAPHICS) for ingest to parse
     reduction: int = 1  # the stored image was reduced by this factor per side before the LUTs (1: full resolution)
     decoder: str = ""  # how the pixels were decoded, e.g. "Pillow/OpenJPEG at 1/4" or "pydicom (gdcm)"
 
@@ -672,7 +672,26 @@ def _read_dicom(path: Path, policy: ChestPolicy, min_side: int | None = None) ->
         pixel_hash=decoded.pixel_hash,
         reduction=decoded.factor,
         decoder=decoded.decoder,
+        attributes=_optional_texts(ds, DEMOGRAPHICS),
     )
+
+
+# Header attributes ingest turns into case attributes (medsim.ingest.case_attributes: sex, age); the birth date only
+# serves to compute an age and is not kept.
+DEMOGRAPHICS = ("PatientSex", "PatientAge", "PatientBirthDate")
+
+
+def _optional_texts(ds, keywords) -> dict[str, str]:
+    """The non-empty texts of optional attributes; one pydicom cannot read is left out, never a reason to fail."""
+    out = {}
+    for keyword in keywords:
+        try:
+            text = _text(ds, keyword)
+        except ReadFailure:
+            continue
+        if text:
+            out[keyword] = text
+    return out
 
 
 # --- Pixel data against the header -----------------------------------------------------------------------------------

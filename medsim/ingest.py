@@ -212,3 +212,62 @@ def read_image_file(path: Path, root: str | Path | None = None, max_pixels: int 
         reader="pillow",
         pixel_hash=pixel_hash(np.asarray(stored)),
     )
+
+
+# ---- case attributes from the header ---------------------------------------------------------------------------------
+
+MAX_AGE_YEARS = 150
+
+
+def case_attributes(radiograph: Radiograph) -> dict:
+    """The header facts a case keeps as attributes (catalog JSON; the search filters read sex, age and study_date):
+    photometric, transfer syntax, study date and description, reader, and for DICOM ``sex`` (F/M/O, from PatientSex)
+    and ``age`` in years (PatientAge such as 045Y, 006M or a bare 62, else the whole years between PatientBirthDate
+    and StudyDate; the birth date itself is not kept). A labels file's sex/age columns override these
+    (:meth:`LabelTable.apply`). Values that cannot be read are left out."""
+    header = radiograph.attributes
+    attributes = {
+        "photometric": radiograph.photometric, "transfer_syntax": radiograph.transfer_syntax,
+        "study_date": radiograph.study_date, "study_description": radiograph.study_description,
+        "reader": radiograph.reader,
+        "sex": patient_sex(header.get("PatientSex", "")),
+        "age": patient_age(header.get("PatientAge", ""), header.get("PatientBirthDate", ""), radiograph.study_date),
+    }
+    return {k: v for k, v in attributes.items() if v not in ("", None)}
+
+
+def patient_sex(text: str) -> str:
+    """PatientSex (CS: M, F or O) as M/F/O; '' when absent or anything else."""
+    value = text.strip().upper()
+    return value if value in ("M", "F", "O") else ""
+
+
+def patient_age(age: str, birth_date: str = "", study_date: str = "") -> float | int | None:
+    """Age in years: PatientAge (AS, nnnD/W/M/Y; a bare number is taken as years, as some modalities write it), else
+    from PatientBirthDate and StudyDate (YYYYMMDD). None when neither gives an age in [0, MAX_AGE_YEARS]."""
+    text = age.strip().upper()
+    if text[:-1].isdigit() and text[-1:] in ("D", "W", "M", "Y") or text.isdigit():
+        number, unit = (int(text), "Y") if text.isdigit() else (int(text[:-1]), text[-1])
+        years = {"Y": number, "M": number / 12, "W": number / 52, "D": number / 365}[unit]
+        if 0 <= years <= MAX_AGE_YEARS:
+            return years if unit == "Y" else round(years, 2)
+    born, seen = _date(birth_date), _date(study_date)
+    if born and seen:
+        years = seen[0] - born[0] - ((seen[1], seen[2]) < (born[1], born[2]))
+        if 0 <= years <= MAX_AGE_YEARS:
+            return years
+    return None
+
+
+def _date(text: str) -> tuple[int, int, int] | None:
+    """(year, month, day) of a DA value (YYYYMMDD; the old YYYY.MM.DD form too), or None."""
+    import datetime
+
+    digits = text.strip().replace(".", "").replace("-", "")
+    if len(digits) != 8 or not digits.isdigit():
+        return None
+    try:
+        day = datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
+    except ValueError:
+        return None
+    return day.year, day.month, day.day
