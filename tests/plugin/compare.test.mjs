@@ -214,3 +214,40 @@ test('the panel: a compare button per result, the bar with the label and the syn
   assert.equal(plain.find('data-cy', 'medsim-compare'), null);
   assert.equal(plain.find('data-cy', 'medsim-compare-bar'), null);
 });
+
+test('a layout changed by other means ends the comparison; the overlays explain the query compared, not a newer one',
+  async () => {
+    const ohif = fakeOhif();
+    let onGrid = null;
+    let gridViewports = new Map();
+    Object.assign(ohif.services.viewportGridService, {
+      EVENTS: { GRID_STATE_CHANGED: 'grid' },
+      subscribe: (event, fn) => {
+        onGrid = fn;
+        return { unsubscribe() {} };
+      },
+      getState: () => ({ viewports: gridViewports }),
+    });
+    const urls = [];
+    let panelState = { query: QUERY, explain: false, response: { query: { indexed: true } } };
+    const listeners = new Set();
+    const controller = { getState: () => panelState, subscribe: fn => listeners.add(fn),
+      config: { apiRoot: '/api/v1', timeoutMs: 1000 } };
+    const compare = createCompare({ controller, services: () => ohif.services, extensionManager: ohif.extensionManager,
+      hostElement, fetch: async url => {
+        urls.push(url);
+        return { ok: false, status: 503, text: async () => '' };
+      } });
+    await compare.open(HIT);
+    gridViewports = new Map([[QUERY_VIEWPORT_ID, {}]]);
+    onGrid();
+    assert.equal(compare.model().status, 'on', 'still on while its viewports are in the grid');
+    // a new search for another image, then "where they match": the explanation is still for the compared query
+    panelState = { ...panelState, query: { ...QUERY, sop_uid: '2.25.99' }, explain: true };
+    listeners.forEach(fn => fn(panelState));
+    await new Promise(resolve => setTimeout(resolve, 10));
+    assert.match(urls[0], /query=2\.25\.3&hit=7\.1\.1\.2&size=512/);
+    gridViewports = new Map([['default', {}]]);
+    onGrid();
+    assert.equal(compare.model().status, 'off');
+  });

@@ -134,7 +134,8 @@ export function createCompare({ controller, services, extensionManager, hostElem
   headers = () => ({}), doc = globalThis.document } = {}) {
   const listeners = new Set();
   const labels = new Map(); // viewportId → label text, read by the overlay customization
-  let state = { status: 'off', sync: false, item: null, message: '' };
+  // query: the panel's query when the comparison was opened (a later search does not change the images shown)
+  let state = { status: 'off', sync: false, item: null, query: null, indexed: true, message: '' };
   let hitViewportId = HIT_VIEWPORT_ID;
   let opened = 0; // a newer open() wins over an older one still loading
   let overlays = null; // {key, images: [{element, img, update}]} while drawn
@@ -253,17 +254,16 @@ export function createCompare({ controller, services, extensionManager, hostElem
 
   async function drawOverlays() {
     const item = state.item;
-    const panel = controller.getState();
-    const key = item ? `${panel.query?.sop_uid}|${item.sopUid}` : '';
-    if (!item || !panel.query || overlays?.key === key) {
+    const { query, indexed } = state;
+    const key = item ? `${query?.sop_uid}|${item.sopUid}` : '';
+    if (!item || !query || overlays?.key === key) {
       return;
     }
     removeOverlays();
     overlays = { key, images: [] };
     const mine = overlays;
     try {
-      const url = explainUrl(controller.config.apiRoot, panel.query, item.sopUid,
-        { indexed: !!panel.response?.query?.indexed, size: OVERLAY_SIZE });
+      const url = explainUrl(controller.config.apiRoot, query, item.sopUid, { indexed, size: OVERLAY_SIZE });
       const found = await fetchJson(fetchImpl, url, { headers: headers(), timeoutMs: controller.config.timeoutMs });
       const viewportIds = [QUERY_VIEWPORT_ID, hitViewportId];
       await waitFor(() => viewportIds.every(id => cornerstoneViewport(id)?.getImageData?.()));
@@ -289,6 +289,25 @@ export function createCompare({ controller, services, extensionManager, hostElem
 
   controller.subscribe(followToggle);
 
+  /** The user changed the layout by other means (OHIF's layout menu, a double click): the comparison is over. */
+  let gridSubscription = null;
+  function followGrid() {
+    const grid = services().viewportGridService;
+    if (gridSubscription || !grid?.subscribe || !grid.EVENTS?.GRID_STATE_CHANGED) {
+      return;
+    }
+    gridSubscription = grid.subscribe(grid.EVENTS.GRID_STATE_CHANGED, () => {
+      const viewports = grid.getState()?.viewports;
+      const present = id => (viewports instanceof Map ? viewports.has(id) : !!viewports?.[id]);
+      if (state.status === 'on' && !present(QUERY_VIEWPORT_ID) && !present(hitViewportId)) {
+        opened += 1;
+        removeOverlays();
+        labels.clear();
+        set({ status: 'off', item: null, query: null, message: '' });
+      }
+    });
+  }
+
   // -- actions -------------------------------------------------------------------------------------------------------
 
   /** Query left, `item` (a panel item) right, in one row. Resolves when the grid is set (or failed). */
@@ -299,7 +318,8 @@ export function createCompare({ controller, services, extensionManager, hostElem
     }
     const mine = ++opened;
     removeOverlays();
-    set({ status: 'loading', item, message: '' });
+    followGrid();
+    set({ status: 'loading', item, query, indexed: !!controller.getState().response?.query?.indexed, message: '' });
     try {
       const [queryImage, hitImage] = await Promise.all([loadImage(query.study_uid, query.sop_uid),
         loadImage(item.studyUid, item.sopUid)]);
@@ -337,13 +357,13 @@ export function createCompare({ controller, services, extensionManager, hostElem
   async function close() {
     opened += 1;
     removeOverlays();
-    const query = controller.getState().query;
+    const query = state.query;
     const wasOn = state.status === 'on';
     if (wasOn) {
       setSyncGroup(false);
     }
     labels.clear();
-    set({ status: 'off', item: null, message: '' });
+    set({ status: 'off', item: null, query: null, message: '' });
     const queryImage = query && findImage(services().displaySetService.getActiveDisplaySets(), query.sop_uid);
     if (wasOn && queryImage) {
       const single = compareViewport('default', queryImage);
