@@ -264,6 +264,29 @@ def test_a_collection_of_another_index_is_never_used(tmp_path, lite):
         assert len(index.search(np.ones(index.dim, np.float32), k=3)) == 3
 
 
+def test_served_snapshot_over_milvus_serves_its_own_cases_until_refreshed(tmp_path, lite, synthetic):
+    """The server's snapshot of a Milvus index: cases a writer adds reach the shared collection at once, but the
+    snapshot searches only the cases it holds (bounded by its largest id) until it swaps in the newer state."""
+    from medsim.server.state import ServedIndex
+
+    path = _milvus_copy(lite["sample"], tmp_path / "idx", str(tmp_path / "served.db"))
+    _, vectors = synthetic
+    served = ServedIndex.open(path)
+    try:
+        before = len(served)
+        with CaseIndex.open(path, writable=True) as index:
+            index.add([Case(sop_uid="7.7", series_uid="7.8", study_uid="7.9", patient_id="N", view="PA",
+                            source_path="/n")], vectors[:1], index.model_fingerprint)
+            assert index.search(vectors[0], k=1)[0].case.sop_uid == "7.7"  # in the collection now
+        for case_filter in (None, CaseFilter(views=("frontal",))):
+            hits = served.search(vectors[0], k=K, case_filter=case_filter)
+            assert "7.7" not in {h.case.sop_uid for h in hits} and len(hits) == min(K, before)
+        assert served.refresh() and len(served) == before + 1
+        assert served.search(vectors[0], k=1)[0].case.sop_uid == "7.7"
+    finally:
+        served.close()
+
+
 def test_cli_commands_work_unchanged_against_a_milvus_index(tmp_path, lite, sample_index, capsys):
     """build-index --vector-store on an index that uses another store points to rebuild-store; info names the store;
     duplicates finds the same groups through either store; rebuild-store moves an index back to hnswlib."""
@@ -335,8 +358,15 @@ def test_server_process_same_results(tmp_path, milvus_server, lite, synthetic, s
 
 @pytest.fixture(scope="module")
 def served_milvus_index(milvus_server, pacs, tmp_path_factory):
-    """The serve tests' index (built from Orthanc over DICOMweb, calibrated) with its vectors in the Milvus server."""
-    return _milvus_copy(pacs.index_path, tmp_path_factory.mktemp("served") / "index", f"{milvus_server}/served")
+    """The serve tests' index (built from Orthanc over DICOMweb, calibrated) with its vectors in the Milvus server;
+    every case's search there is checked against the hnswlib original first."""
+    path = _milvus_copy(pacs.index_path, tmp_path_factory.mktemp("served") / "index", f"{milvus_server}/served")
+    with CaseIndex.open(pacs.index_path) as hnsw, CaseIndex.open(path) as milvus:
+        for case in hnsw.cases():
+            args = dict(k=K, exclude_patient=case.patient_id, exclude_sop_uid=case.sop_uid)
+            assert _ids(milvus.search(hnsw.vector(case.sop_uid), **args)) == _ids(
+                hnsw.search(hnsw.vector(case.sop_uid), **args))
+    return path
 
 
 SERVER_TESTS = ("test_query_by_indexed_uids", "test_query_by_non_indexed_uids_fetches_from_the_pacs",
