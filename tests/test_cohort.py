@@ -267,3 +267,57 @@ def test_query_command_exports_csv_and_kos(pacs, tmp_path):
         assert set(referenced(doc)) == {r["sop_uid"] for r in rows}
     finally:
         _delete(pacs.orthanc.url, sop)
+
+
+# ---- the document and the table themselves (no PACS) ----------------------------------------------------------------
+
+
+def _synthetic_cohort(findings=("Pneumonia",)):
+    from types import SimpleNamespace
+
+    from medsim.cohort import make_cohort
+
+    query = SimpleNamespace(study_uid="2.25.1", series_uid="2.25.1.1", sop_uid="2.25.1.1.1", patient_id="P-Q",
+                            view="frontal")
+    hits = [SimpleNamespace(score=0.9 - i / 10, case=SimpleNamespace(
+        study_uid=f"2.25.{i}", series_uid=f"2.25.{i}.1", sop_uid=f"2.25.{i}.1.1", patient_id=f"P-{i}", view="frontal",
+        labels=findings)) for i in (2, 3, 4)]
+    return make_cohort(query, ["No Finding"], hits, lambda p: f"anon-{p[-1]}", model="m", filters={"sex": ["F"]})
+
+
+def test_kos_lists_every_study_in_its_evidence_and_passes_dciodvfy():
+    """Four studies (the query's and three others): highdicom 0.28 alone would drop or refuse the other studies'
+    evidence, which dciodvfy reports as errors; medsim's document lists all four."""
+    from pydicom.dataset import Dataset
+
+    from medsim.cohort import CohortError, build_kos, kos_bytes
+
+    cohort = _synthetic_cohort()
+    study = Dataset()
+    study.PatientName, study.PatientID, study.StudyDate, study.StudyTime = "Doe^Jane", "PQ", "20200101", "120000"
+    study.AccessionNumber, study.StudyID = "A1", "1"
+    instances = {}
+    for member in cohort.members:
+        instances[member.sop_uid] = Dataset()
+        instances[member.sop_uid].SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR
+        instances[member.sop_uid].Rows, instances[member.sop_uid].Columns = 2048, 2048
+    data = kos_bytes(build_kos(cohort, study, instances))
+    assert dciodvfy(data) == []
+    doc = pydicom.dcmread(io.BytesIO(data))
+    assert [item.StudyInstanceUID for item in doc.CurrentRequestedProcedureEvidenceSequence] == [
+        "2.25.1", "2.25.2", "2.25.3", "2.25.4"]
+    assert set(referenced(doc)) == {m.sop_uid for m in cohort.members}
+    del instances["2.25.3.1.1"]
+    with pytest.raises(CohortError, match="does not hold 1 instance"):
+        build_kos(cohort, study, instances)
+
+
+def test_csv_cells_never_run_as_spreadsheet_formulas():
+    from medsim.cohort import to_csv
+
+    text = to_csv(_synthetic_cohort(findings=("=HYPERLINK(1)", "-x")))
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert rows[1]["findings"] == "'=HYPERLINK(1)|-x"
+    assert rows[0]["findings"] == "No Finding" and rows[0]["score"] == "" and rows[1]["score"] == "0.700000"
+    assert [r["rank"] for r in rows] == ["0", "1", "2", "3"] and [r["patient"] for r in rows] == [
+        "anon-Q", "anon-2", "anon-3", "anon-4"]
