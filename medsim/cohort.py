@@ -247,8 +247,8 @@ def store_kos(client: DicomWebClient, cohort: Cohort) -> StoredKos:
     doc = build_kos(cohort, study_from_qido(client, cohort.query.study_uid), instances_from_qido(client, cohort))
     try:
         result = client.store([kos_bytes(doc)], study_uid=doc.StudyInstanceUID)
-    except PacsError as exc:
-        if exc.status is not None and 400 <= exc.status < 500 and exc.status != 404:
+    except PacsError as exc:  # 4xx: e.g. read-only credentials (401/403), or an endpoint without STOW-RS (404, 405)
+        if exc.status is not None and 400 <= exc.status < 500:
             raise CohortError("pacs-refused", f"the PACS refused the KOS: {exc}") from None
         raise
     if doc.SOPInstanceUID not in result.stored_uids:
