@@ -262,3 +262,60 @@ def test_export_errors_are_one_line(tmp_path, capsys):
 
     with pytest.raises(FeedbackError, match="not a feedback export"):
         read_csv(bad)
+
+
+# ---- the OpenAPI document describes these routes (schemathesis, as tests/test_api_fuzz.py, bounded) ----------------
+
+FUZZ_OPERATIONS = ("postFeedback", "getFeedback", "refineSimilar")
+
+
+@pytest.mark.parametrize("operation_id", FUZZ_OPERATIONS)
+@pytest.mark.parametrize("positive", [True, False], ids=["valid", "invalid"])
+def test_feedback_routes_match_the_openapi_document(make_client, operation_id, positive):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        negative_data_rejection,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    app = make_client(tokens={"fuzz": TOKEN}).application
+    schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.yaml", app)
+    schema.config.generation.update(with_security_parameters=False)
+    found = {r.ok().definition.raw.get("operationId"): r.ok() for r in schema.get_all_operations()}
+    mode = GenerationMode.POSITIVE if positive else GenerationMode.NEGATIVE
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+              negative_data_rejection]
+    seen = []
+
+    @settings(max_examples=25, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+    @given(case=found[operation_id].as_strategy(generation_mode=mode))
+    def run(case):
+        seen.append(case.call_and_validate(checks=checks, headers={"Authorization": f"Bearer {TOKEN}"}).status_code)
+
+    run()
+    assert seen
+
+
+def test_real_answers_match_the_openapi_document(make_client, index_copy, query):
+    schemathesis = pytest.importorskip("schemathesis")
+    from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
+
+    _clear(index_copy)
+    client = make_client()
+    hit = _similar(client, query.sop_uid)["results"][1]["sop_uid"]
+    schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.yaml", client.application)
+    found = {r.ok().definition.raw.get("operationId"): r.ok() for r in schema.get_all_operations()}
+    checks = [status_code_conformance, response_schema_conformance]
+    for operation_id, kwargs, status in (
+            ("postFeedback", {"body": {"query": query.sop_uid, "hit": hit, "vote": "up"}}, 201),
+            ("getFeedback", {"query": {"query": query.sop_uid}}, 200),
+            ("refineSimilar", {"body": {"sop_uid": query.sop_uid, "k": 3, "threshold": "none"}}, 200),
+            ("postFeedback", {"body": {"query": query.sop_uid, "hit": hit, "vote": "none"}}, 200)):
+        case = found[operation_id].Case(media_type="application/json" if "body" in kwargs else None, **kwargs)
+        assert case.call_and_validate(checks=checks).status_code == status, operation_id
