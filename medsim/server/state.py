@@ -10,7 +10,8 @@ Thread safety (waitress serves requests on several threads):
   ``max_concurrent_decodes`` threads at once.
 * Embedding runs under ``embed_lock``: torch already uses every core for one image, so parallel embeddings would
   only compete; PACS fetches and decoding happen outside both locks, in parallel.
-* The index is opened read-only: no request can change it.
+* The index is opened read-only: no request can change its cases (relevance votes go to a table of their own
+  through their own connection, :mod:`medsim.feedback`).
 """
 
 from __future__ import annotations
