@@ -1,9 +1,10 @@
 """Side by side that compares (issue 15, part 3) in a browser, on the stack of tests/test_viewer_browser.py (Orthanc,
 the sample index, medsim serving OHIF with the packed plugin, Playwright + Debian Chromium): "compare" on a hit gives
 exactly two viewports in one row, the query's image left labelled "query", the hit's image right labelled with its
-rank and score, the panel still open; with "sync window/level" on, a window/level drag on one image changes the
-other, and off it does not; "where they match" draws an overlay on both images, on the image. Skips as
-test_viewer_browser does when a requirement is missing."""
+rank and score, the panel still open; with "sync window/level" on, a window/level drag on one image moves the
+other's window to the same place relative to its own initial window, and off it does not; "where they match" draws
+an overlay on both images, where the images are drawn, following the camera. Skips as test_viewer_browser does when
+a requirement is missing."""
 
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ OVERLAYS = """() => [...document.querySelectorAll('[data-cy="medsim-compare-over
             box: [box.left, box.top, box.right, box.bottom], columns: Number(o.dataset.columns),
             rows: Number(o.dataset.rows), ow: o.naturalWidth, oh: o.naturalHeight};
 })"""
+
+
+# both windows at the same place relative to each image's initial window (`initial`: [[lower, upper]] left, right)
+SAME_RELATIVE_WINDOW = f"""initial => {{
+  const [a, b] = ({GRID})().viewports;
+  const rel = (voi, [lo, hi]) => voi.map(x => (x - lo) / (hi - lo));
+  if (!a.voi || !b.voi) return false;
+  const [ra, rb] = [rel(a.voi, initial[0]), rel(b.voi, initial[1])];
+  return Math.abs(ra[0] - rb[0]) < 1e-3 && Math.abs(ra[1] - rb[1]) < 1e-3 && (ra[0] !== 0 || ra[1] !== 1);
+}}"""
 
 
 def grid(page) -> dict:
@@ -143,17 +154,18 @@ def test_compare_query_and_hit_side_by_side(stack, context):
     after = grid(page)["viewports"]
     assert after[0]["voi"] != before[0]["voi"], "the drag did not change the query's window/level"
     assert after[1]["voi"] == before[1]["voi"], "the hit's window/level followed without sync"
+    # synced, a change on one image is carried to the other relative to each one's initial window (the sample's
+    # images differ in pixel scale: 8-bit query, 16-bit hits)
     page.check('[data-cy="medsim-compare-sync"]')
+    initial = [v["voi"] for v in before]
     drag(page, boxes[0], -80, 30)
-    page.wait_for_function(f"""() => {{ const [a, b] = ({GRID})().viewports;
-        return a.voi && b.voi && Math.abs(a.voi[0] - b.voi[0]) < 1e-3 && Math.abs(a.voi[1] - b.voi[1]) < 1e-3; }}""",
-                           timeout=10_000)
+    page.wait_for_function(SAME_RELATIVE_WINDOW, arg=initial, timeout=10_000)
     synced = grid(page)["viewports"]
     assert synced[1]["voi"] != after[1]["voi"]
     drag(page, boxes[1], 50, -50)  # and from the hit's side to the query's
-    page.wait_for_function(f"""() => {{ const [a, b] = ({GRID})().viewports;
-        return Math.abs(a.voi[0] - b.voi[0]) < 1e-3 && Math.abs(a.voi[1] - b.voi[1]) < 1e-3; }}""", timeout=10_000)
+    page.wait_for_function(SAME_RELATIVE_WINDOW, arg=initial, timeout=10_000)
     assert grid(page)["viewports"][0]["voi"] != synced[0]["voi"]
+    page.screenshot(path=str(OUT / "side-by-side-synced.png"))
     page.uncheck('[data-cy="medsim-compare-sync"]')
     unsynced = grid(page)["viewports"]
     drag(page, boxes[0], 70, 70)

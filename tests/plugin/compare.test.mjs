@@ -4,7 +4,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { compareLabels, compareLayout, createCompare, findImage, HIT_VIEWPORT_ID, indexToWorld, LABEL_ITEM_ID,
-  overlayTransform, QUERY_VIEWPORT_ID, VOI_SYNC_ID } from '../../plugin/ohif/src/compare.js';
+  overlayTransform, QUERY_VIEWPORT_ID, relativeVoi, VOI_SYNC_ID, VOI_SYNC_TYPE } from '../../plugin/ohif/src/compare.js';
 import { renderPanel } from '../../plugin/ohif/src/panel.js';
 import { container } from './fake-dom.mjs';
 
@@ -40,7 +40,8 @@ test('compareLayout: one row of two stack viewports, query left, hit right, each
   assert.deepEqual(right.displaySetInstanceUIDs, ['h']);
   assert.equal(right.viewportOptions.viewportId, 'hit-7');
   assert.deepEqual(right.viewportOptions.initialImageOptions, { index: 2 });
-  assert.deepEqual(right.viewportOptions.syncGroups, [{ type: 'voi', id: VOI_SYNC_ID, source: true, target: true }]);
+  assert.deepEqual(right.viewportOptions.syncGroups,
+    [{ type: VOI_SYNC_TYPE, id: VOI_SYNC_ID, source: true, target: true }]);
   assert.notEqual(layout.findOrCreateViewport(0), left, 'a fresh object per call (the grid writes into it)');
   const unsynced = compareLayout({ displaySetInstanceUID: 'q', index: 0 }, { displaySetInstanceUID: 'h', index: 0 });
   assert.deepEqual(unsynced.findOrCreateViewport(1).viewportOptions.syncGroups, []);
@@ -54,6 +55,14 @@ test('overlayTransform maps the overlay onto the drawn image: scale, offset, fli
   assert.equal(overlayTransform([110, 20], [10, 20], [110, 70], 200, 100), 'matrix(-0.5, 0, 0, 0.5, 110, 20)');
   // rotated 90° clockwise
   assert.equal(overlayTransform([100, 0], [100, 200], [0, 0], 200, 100), 'matrix(0, 1, -1, 0, 100, 0)');
+});
+
+test('relativeVoi: a window change carried over relative to each image\'s initial window', () => {
+  const from = { lower: 0, upper: 256 }; // an 8-bit image
+  const to = { lower: 0, upper: 65536 }; // a 16-bit one
+  assert.deepEqual(relativeVoi({ lower: 64, upper: 192 }, from, to), { lower: 16384, upper: 49152 });
+  assert.deepEqual(relativeVoi(from, from, to), to, 'the initial window maps to the initial window');
+  assert.deepEqual(relativeVoi({ lower: 10, upper: 20 }, to, to), { lower: 10, upper: 20 });
 });
 
 test('indexToWorld: origin + i·spacing·row direction + j·spacing·column direction', () => {
@@ -250,4 +259,43 @@ test('a layout changed by other means ends the comparison; the overlays explain 
     gridViewports = new Map([['default', {}]]);
     onGrid();
     assert.equal(compare.model().status, 'off');
+  });
+
+test('window/level sync: our synchronizer type, registered once, carries a change over relative to each window',
+  async () => {
+    const ohif = fakeOhif();
+    const creators = {};
+    const viewports = {};
+    const viewport = (id, upper) => ({ id, getRenderingEngine: () => ({ id: 'engine' }), getImageData: () => ({}),
+      properties: { voiRange: { lower: 0, upper } }, getProperties() { return this.properties; },
+      setProperties(p) { this.properties = { ...this.properties, ...p }; }, render() {} });
+    ohif.services.cornerstoneViewportService.getCornerstoneViewport = id => {
+      viewports[id] ||= viewport(id, id === QUERY_VIEWPORT_ID ? 256 : 65536);
+      return viewports[id];
+    };
+    Object.assign(ohif.services.syncGroupService, {
+      getSyncCreatorForType: type => creators[type],
+      addSynchronizerType: (type, creator) => { creators[type] = creator; },
+    });
+    globalThis.cornerstoneTools = { SynchronizerManager: { createSynchronizer: (id, event, handler) => ({ id, event,
+      handler }) } };
+    try {
+      const compare = createCompare({ controller: fakeController(), services: () => ohif.services,
+        extensionManager: ohif.extensionManager, hostElement });
+      compare.setSync(true);
+      await compare.open(HIT);
+      await compare.open(HIT);
+      assert.deepEqual(Object.keys(creators), [VOI_SYNC_TYPE], 'registered once');
+      const layout = ohif.calls.filter(c => c[0] === 'setLayout').at(-1)[3];
+      assert.equal(layout[0].viewportOptions.syncGroups[0].type, VOI_SYNC_TYPE);
+      const hitId = layout[1].viewportOptions.viewportId;
+      await new Promise(resolve => setTimeout(resolve, 150)); // the initial windows are read once drawn
+      const sync = creators[VOI_SYNC_TYPE](VOI_SYNC_ID);
+      assert.equal(sync.event, 'CORNERSTONE_VOI_MODIFIED');
+      sync.handler(sync, { viewportId: QUERY_VIEWPORT_ID }, { viewportId: hitId },
+        { detail: { range: { lower: 64, upper: 192 } } });
+      assert.deepEqual(viewports[hitId].properties.voiRange, { lower: 16384, upper: 49152 });
+    } finally {
+      delete globalThis.cornerstoneTools;
+    }
   });

@@ -5,7 +5,10 @@
  *
  * OHIF's own services do the work: the active data source loads the hit's study into the viewer (as OHIF's study
  * browser does), viewportGridService.setLayout puts the two images in a 1 × 2 grid, a viewportOverlay.topLeft
- * customization writes the labels, syncGroupService links window/level (a cornerstone VOI synchronizer). OHIF's
+ * customization writes the labels, syncGroupService links window/level (a synchronizer type of our own, registered
+ * with it: it carries a window/level change over *relative to each image's own initial window*, since two
+ * radiographs rarely share a pixel scale (8-bit against 16-bit, CR against DX); OHIF's own "voi" type copies the
+ * values and is the fallback when cornerstone's tools are not reachable). OHIF's
  * "@ohif/hpCompare" hanging protocol is not used: with two single-image studies it opens its 2 × 2 stage with an empty
  * bottom row and does not say which image is the query. The overlays are <img> elements over the cornerstone canvas,
  * placed with the viewport's own worldToCanvas and moved with its camera (zoom, pan, flip).
@@ -18,10 +21,11 @@ import { explainUrl, fetchJson } from './logic.js';
 export const QUERY_VIEWPORT_ID = 'medsim-compare-query';
 export const HIT_VIEWPORT_ID = 'medsim-compare-hit';
 export const VOI_SYNC_ID = 'medsimCompareVoi';
+export const VOI_SYNC_TYPE = 'medsimrelativevoi';
 export const LABEL_ITEM_ID = 'medsimCompareLabel';
 /** Longest side of the viewport overlays (the thumbnails' are 96 px). */
 export const OVERLAY_SIZE = 512;
-const VOI_SYNC_GROUP = Object.freeze({ type: 'voi', id: VOI_SYNC_ID, source: true, target: true });
+const VOI_MODIFIED = 'CORNERSTONE_VOI_MODIFIED';
 // cornerstone3D's event names (Enums.Events), as strings: the plugin has no cornerstone import
 const CAMERA_MODIFIED = 'CORNERSTONE_CAMERA_MODIFIED';
 const IMAGE_RENDERED = 'CORNERSTONE_IMAGE_RENDERED';
@@ -50,8 +54,22 @@ export function findImage(displaySets, sopUid) {
   return null;
 }
 
+/** The sync group of the two viewports (`type`: VOI_SYNC_TYPE, or OHIF's 'voi' when ours is not registered). */
+export function voiSyncGroup(type = VOI_SYNC_TYPE) {
+  return { type, id: VOI_SYNC_ID, source: true, target: true };
+}
+
+/**
+ * A window/level range of one image carried over to another, relative to their initial windows: the same place
+ * and width as fractions of the initial window (`from`: the source image's, `to`: the target's).
+ */
+export function relativeVoi(range, from, to) {
+  const scale = (to.upper - to.lower) / ((from.upper - from.lower) || 1);
+  return { lower: to.lower + (range.lower - from.lower) * scale, upper: to.lower + (range.upper - from.lower) * scale };
+}
+
 /** One viewport of the compare grid (what viewportGridService.setLayout's findOrCreateViewport returns). */
-export function compareViewport(viewportId, image, { sync = false } = {}) {
+export function compareViewport(viewportId, image, { sync = false, syncType = VOI_SYNC_TYPE } = {}) {
   return {
     displaySetInstanceUIDs: [image.displaySetInstanceUID],
     displaySetOptions: [{}],
@@ -60,7 +78,7 @@ export function compareViewport(viewportId, image, { sync = false } = {}) {
       viewportType: 'stack',
       toolGroupId: 'default',
       initialImageOptions: { index: image.index },
-      syncGroups: sync ? [{ ...VOI_SYNC_GROUP }] : [],
+      syncGroups: sync ? [voiSyncGroup(syncType)] : [],
     },
   };
 }
@@ -69,9 +87,10 @@ export function compareViewport(viewportId, image, { sync = false } = {}) {
  * The arguments of viewportGridService.setLayout for query | hit in one row. `hitViewportId` changes with each hit
  * (React remounts the viewport, so its label and overlay start fresh).
  */
-export function compareLayout(queryImage, hitImage, { sync = false, hitViewportId = HIT_VIEWPORT_ID } = {}) {
-  const viewports = [compareViewport(QUERY_VIEWPORT_ID, queryImage, { sync }),
-    compareViewport(hitViewportId, hitImage, { sync })];
+export function compareLayout(queryImage, hitImage, { sync = false, syncType = VOI_SYNC_TYPE,
+  hitViewportId = HIT_VIEWPORT_ID } = {}) {
+  const viewports = [compareViewport(QUERY_VIEWPORT_ID, queryImage, { sync, syncType }),
+    compareViewport(hitViewportId, hitImage, { sync, syncType })];
   return {
     numRows: 1,
     numCols: 2,
@@ -126,9 +145,9 @@ function waitFor(check, { timeoutMs = 30000, everyMs = 100 } = {}) {
 
 /**
  * The compare view of one viewer. `controller`: the panel's (logic.createController); `services()`: OHIF's services
- * (servicesManager.services); `extensionManager`: OHIF's; `hostElement`: makes a React host element (extension.js); `fetch`, `headers()`: for
- * /api/v1/explain. model() is what the panel draws: {status: 'off' | 'loading' | 'on' | 'error', rank, label, sync,
- * message}.
+ * (servicesManager.services); `extensionManager`: OHIF's; `hostElement`: makes a React host element (extension.js);
+ * `fetch`, `headers()`: for /api/v1/explain. model() is what the panel draws: {status: 'off' | 'loading' | 'on' |
+ * 'error', rank, label, sync, message}.
  */
 export function createCompare({ controller, services, extensionManager, hostElement, fetch: fetchImpl,
   headers = () => ({}), doc = globalThis.document } = {}) {
@@ -139,6 +158,7 @@ export function createCompare({ controller, services, extensionManager, hostElem
   let hitViewportId = HIT_VIEWPORT_ID;
   let opened = 0; // a newer open() wins over an older one still loading
   let overlays = null; // {key, images: [{element, img, update}]} while drawn
+  const initialVoi = new Map(); // viewportId → its image's window when the comparison opened
 
   function set(change) {
     state = { ...state, ...change };
@@ -189,6 +209,42 @@ export function createCompare({ controller, services, extensionManager, hostElem
     }
   }
 
+  /** Our synchronizer type, registered once with OHIF's syncGroupService (OHIF's 'voi' without cornerstone's tools,
+   * which OHIF puts at window.cornerstoneTools). */
+  function syncType() {
+    const { syncGroupService } = services();
+    const createSynchronizer = globalThis.cornerstoneTools?.SynchronizerManager?.createSynchronizer;
+    if (!createSynchronizer || !syncGroupService?.addSynchronizerType) {
+      return 'voi';
+    }
+    if (!syncGroupService.getSyncCreatorForType?.(VOI_SYNC_TYPE)) {
+      syncGroupService.addSynchronizerType(VOI_SYNC_TYPE, id => createSynchronizer(id, VOI_MODIFIED,
+        (synchronizer, source, target, event) => {
+          const from = initialVoi.get(source.viewportId);
+          const to = initialVoi.get(target.viewportId);
+          const viewport = cornerstoneViewport(target.viewportId);
+          const range = event?.detail?.range;
+          if (from && to && viewport && range) {
+            viewport.setProperties({ voiRange: relativeVoi(range, from, to) });
+            viewport.render();
+          }
+        }));
+    }
+    return VOI_SYNC_TYPE;
+  }
+
+  /** Each image's window once drawn: what window/level sync is relative to. */
+  function recordInitialVoi(viewportIds) {
+    initialVoi.clear();
+    const voi = id => {
+      const viewport = cornerstoneViewport(id);
+      return viewport?.getImageData?.() ? viewport.getProperties?.()?.voiRange : null;
+    };
+    return waitFor(() => viewportIds.every(voi))
+      .then(() => viewportIds.forEach(id => initialVoi.set(id, { ...voi(id) })))
+      .catch(() => {}); // without both windows the sync carries nothing over
+  }
+
   function setSyncGroup(on) {
     const { syncGroupService } = services();
     for (const viewportId of [QUERY_VIEWPORT_ID, hitViewportId]) {
@@ -198,7 +254,7 @@ export function createCompare({ controller, services, extensionManager, hostElem
       }
       const engineId = viewport.getRenderingEngine().id;
       if (on) {
-        syncGroupService.addViewportToSyncGroup(viewportId, engineId, { ...VOI_SYNC_GROUP });
+        syncGroupService.addViewportToSyncGroup(viewportId, engineId, voiSyncGroup(syncType()));
       } else {
         syncGroupService.removeViewportFromSyncGroup(viewportId, engineId, VOI_SYNC_ID);
       }
@@ -333,7 +389,8 @@ export function createCompare({ controller, services, extensionManager, hostElem
       labels.set(QUERY_VIEWPORT_ID, text.query);
       labels.set(hitViewportId, text.hit);
       await services().viewportGridService.setLayout(compareLayout(queryImage, hitImage,
-        { sync: state.sync, hitViewportId }));
+        { sync: state.sync, syncType: syncType(), hitViewportId }));
+      recordInitialVoi([QUERY_VIEWPORT_ID, hitViewportId]);
       set({ status: 'on' });
       followToggle();
     } catch (error) {
