@@ -38,7 +38,7 @@ def service(index_copy, tmp_path_factory):
 
 
 @pytest.fixture
-def make_client(index_copy, service, tmp_path):
+def make_client(index_copy, service):
     from medsim.server import Settings, create_app
 
     def make(**overrides):
@@ -67,13 +67,15 @@ def _similar(client, sop_uid, path="/api/v1/similar", headers=None):
 def _rows(index_path):
     with sqlite3.connect(index_path / CATALOG) as db:
         db.row_factory = sqlite3.Row
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name='feedback'").fetchone():
+            return []
         return [dict(r) for r in db.execute("SELECT * FROM feedback ORDER BY id")]
 
 
 def _clear(index_path):
+    """No votes (the first vote creates the table)."""
     with sqlite3.connect(index_path / CATALOG) as db:
-        db.execute("DELETE FROM feedback") if db.execute(
-            "SELECT 1 FROM sqlite_master WHERE name='feedback'").fetchone() else None
+        db.execute("DROP TABLE IF EXISTS feedback")
 
 
 def test_votes_are_stored_with_who_when_score_and_model_and_audited(make_client, index_copy, query, tmp_path):
