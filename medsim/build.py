@@ -1,9 +1,11 @@
-"""`medsim build-index`: source (folder or DICOMweb URL) -> decoded, preprocessed tensors (worker processes) ->
-embeddings -> index.
+"""`medsim build-index`: source (folder or DICOMweb URL) -> decoded, preprocessed tensors -> embeddings -> index.
 
-Worker processes read and preprocess files while the main process embeds batches, so decoding hides behind the
-model. Every batch is committed to the catalog in one transaction together with the ledger rows of the files it
-covers, so a run that is killed resumes where it stopped and a re-run only reads what is new or changed.
+One runner (``_run``) for every source and two executors that spread its work: :class:`LocalExecutor` (the default:
+worker processes read and preprocess files while this process embeds batches, so decoding hides behind the model)
+and ``medsim.build_ray.RayExecutor`` (a Ray Data pipeline over a cluster; actors embed). Whichever ran the work, this
+process's :class:`IndexWriter` applies labels, drops duplicates and commits every batch to the catalog in one
+transaction together with the ledger rows of the files it covers, so a run that is killed resumes where it stopped
+and a re-run only reads what is new or changed.
 """
 
 from __future__ import annotations
@@ -42,11 +44,12 @@ MAX_LISTED_DUPLICATES = 20
 
 @dataclass
 class Outcome:
-    """What a worker made of one file."""
+    """What a worker made of one file (and, when an executor embeds remotely, its vector)."""
 
     record: FileRecord
     case: Case | None = None
     image: PreparedImage | None = None
+    vector: np.ndarray | None = None
 
 
 @dataclass
@@ -154,18 +157,21 @@ def _init_worker() -> None:
 def build_index(source: str | Path, index_path: str | Path, bundle, labels: LabelTable | None = None,
                 policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
                 progress: bool = True, chunk_size: int = 4, skip_duplicates: bool = False,
-                client: DicomWebClient | None = None) -> BuildReport:
+                client: DicomWebClient | None = None, executor=None) -> BuildReport:
     """Index every new or changed image of ``source`` into ``index_path`` with ``bundle``'s model.
 
     source: a folder (every file below it), or a DICOMweb URL (every chest radiograph the server lists; ``client``
     overrides the client made for the URL). Both go through the same runner, policy, ledger and writer.
     skip_duplicates: keep exact duplicates (decoded pixels equal to an indexed case's, or to a file read earlier in
-    this run) out of the index; each is skipped with reason ``duplicate-pixels`` and listed in the report."""
+    this run) out of the index; each is skipped with reason ``duplicate-pixels`` and listed in the report.
+    executor: where the reading and embedding run; default ``LocalExecutor(workers, chunk_size)`` (this machine), or
+    ``medsim.build_ray.RayExecutor(address)`` (a Ray cluster; ``workers`` and ``chunk_size`` are then unused)."""
     if is_dicomweb_url(source):
         images = _DicomWebSource(client or DicomWebClient(str(source)), policy)
     else:
         images = _FolderSource(Path(source).resolve(), policy, labels)
-    return _run(images, index_path, bundle, labels, workers, batch_size, progress, chunk_size, skip_duplicates)
+    return _run(images, index_path, bundle, labels, executor or LocalExecutor(workers, chunk_size), batch_size,
+                progress, skip_duplicates)
 
 
 def index_studies(client: DicomWebClient, study_uids, index_path: str | Path, bundle,
@@ -179,8 +185,8 @@ def index_studies(client: DicomWebClient, study_uids, index_path: str | Path, bu
     change feed) is stored with the index once every batch is committed, and not when the run was interrupted.
     ``bundle`` may be a :class:`ReusedEmbedder` so a long-running caller loads the model once."""
     images = _StudiesSource(client, policy, list(study_uids))
-    return _run(images, index_path, bundle, labels, workers, batch_size, progress, chunk_size, skip_duplicates,
-                meta=meta)
+    return _run(images, index_path, bundle, labels, LocalExecutor(workers, chunk_size), batch_size, progress,
+                skip_duplicates, meta=meta)
 
 
 class ReusedEmbedder:
@@ -201,23 +207,21 @@ class ReusedEmbedder:
         return getattr(self._bundle, name)
 
 
-def _run(images, index_path, bundle, labels, workers, batch_size, progress, chunk_size,
-         skip_duplicates, meta: dict | None = None) -> BuildReport:
-    """The one build loop: list what is new → read/preprocess in workers → embed and commit in batches."""
+def _run(images, index_path, bundle, labels, executor, batch_size, progress, skip_duplicates,
+         meta: dict | None = None) -> BuildReport:
+    """The one build loop: list what is new → read/preprocess (and, remotely, embed) on the executor → embed what
+    is not yet embedded and commit in batches here."""
     started = time.perf_counter()
     report = BuildReport()
-    workers = default_workers() if workers is None else max(0, workers)
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
                                      dim=bundle.embedding_dim, model_path=str(bundle.path))
     try:
         todo = images.pending(index, report)
-        with images.task(bundle.preprocess) as task:
-            outcomes = Pooled(task, _chunks(todo, chunk_size), images.executor(workers), images.in_flight(workers))
-            try:  # the workers start and decode while the model loads
-                writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates)
-                writer.consume(outcomes, len(todo), progress)
-            finally:
-                outcomes.close()
+        with executor.outcomes(images, todo, bundle, batch_size, report) as outcomes:
+            # the workers start and decode while the model loads
+            writer = IndexWriter(index, bundle, report, labels, batch_size, skip_duplicates,
+                                 embedder=executor.embedder(bundle, batch_size))
+            writer.consume(outcomes, len(todo), progress)
         if meta and not report.interrupted:  # after the last batch's commit (medsim watch: its change-feed position)
             index.update_meta(meta)
         report.total_cases = len(index)
@@ -257,11 +261,11 @@ class _FolderSource:
                 todo.append(str(file))
         return todo
 
-    @contextmanager
     def task(self, spec: PreprocessSpec):
-        yield partial(_process_chunk, root=str(self.folder), policy=self.policy, spec=spec)
+        """A picklable ``chunk of items -> outcomes`` that runs anywhere the folder is mounted at the same path."""
+        return partial(_process_chunk, root=str(self.folder), policy=self.policy, spec=spec)
 
-    def executor(self, workers: int) -> Executor | None:
+    def pool(self, workers: int) -> Executor | None:
         return _process_pool(workers) if workers > 0 else None
 
     def in_flight(self, workers: int) -> int:
@@ -290,12 +294,11 @@ class _DicomWebSource:
                 todo.append(ref)
         return todo
 
-    @contextmanager
     def task(self, spec: PreprocessSpec):
-        with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as folder:
-            yield partial(_fetch_chunk, client=self.client, folder=folder, policy=self.policy, spec=spec)
+        """A picklable ``chunk of InstanceRefs -> outcomes`` that runs anywhere the server is reachable."""
+        return partial(_fetch_chunk, client=self.client, policy=self.policy, spec=spec)
 
-    def executor(self, workers: int) -> Executor:
+    def pool(self, workers: int) -> Executor:
         # fetching is I/O: without worker processes, threads of this process still overlap the requests
         return _process_pool(workers) if workers > 0 else ThreadPoolExecutor(max_workers=4)
 
@@ -328,8 +331,9 @@ def fetch_and_process(client: DicomWebClient, ref: InstanceRef, folder: str, pol
     return outcome
 
 
-def _fetch_chunk(refs, client, folder, policy, spec) -> list[Outcome]:
-    return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
+def _fetch_chunk(refs, client, policy, spec) -> list[Outcome]:
+    with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as folder:  # on the machine that fetches
+        return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
 
 
 class _StudiesSource(_DicomWebSource):
@@ -400,12 +404,15 @@ class IndexWriter:
     the ledger rows of the files it covers in one transaction; saves the graph now and then and at the end."""
 
     def __init__(self, index: CaseIndex, bundle, report: BuildReport, labels: LabelTable | None = None,
-                 batch_size: int = 16, skip_duplicates: bool = False):
+                 batch_size: int = 16, skip_duplicates: bool = False, embedder=None):
+        """embedder: embeds the outcomes that arrive without a vector (the local executor's: the bundle's); None
+        when every outcome arrives embedded (Ray actors)."""
         self.index, self.bundle, self.report = index, bundle, report
         self.labels = labels or LabelTable.empty()
         self.batch_size, self.skip_duplicates = batch_size, skip_duplicates
-        self.embedder = bundle.embedder(batch_size=batch_size)
-        report.embed_mode = self.embedder.describe()
+        self.embedder = embedder
+        if embedder is not None:
+            report.embed_mode = embedder.describe()
         self._seen_uids: set[str] = set()
         self._seen_pixels: dict[str, str] = {}  # pixel hash -> path, of the files queued in this run
         self._pending: list[Outcome] = []
@@ -462,7 +469,11 @@ class IndexWriter:
         pending, ledger = self._pending, self._ledger
         if not pending and not ledger:
             return
-        vectors = (self.embedder.embed_prepared([o.image for o in pending]) if pending
+        unembedded = [o for o in pending if o.vector is None]
+        if unembedded:
+            for outcome, vector in zip(unembedded, self.embedder.embed_prepared([o.image for o in unembedded])):
+                outcome.vector = vector
+        vectors = (np.stack([o.vector for o in pending]) if pending
                    else np.zeros((0, self.index.dim), dtype=np.float32))
         self.index.add([o.case for o in pending], vectors, self.bundle.fingerprint,
                        files=ledger + [o.record for o in pending])
@@ -492,6 +503,28 @@ def _process_pool(workers: int) -> ProcessPoolExecutor:
     """Spawned, not forked: no fork of a process whose torch threads already run."""
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker)
+
+
+class LocalExecutor:
+    """This machine: ``workers`` spawn-started processes read and preprocess chunks of ``chunk_size`` files (0: in
+    this process; DICOMweb fetches then overlap in threads) while this process embeds (the writer's embedder)."""
+
+    def __init__(self, workers: int | None = None, chunk_size: int = 4):
+        self.workers = default_workers() if workers is None else max(0, workers)
+        self.chunk_size = chunk_size
+
+    @contextmanager
+    def outcomes(self, images, todo: list, bundle, batch_size: int, report: BuildReport):
+        """The outcomes of ``todo`` (not embedded), in completion order; the workers are stopped on leaving."""
+        pooled = Pooled(images.task(bundle.preprocess), _chunks(todo, self.chunk_size), images.pool(self.workers),
+                        images.in_flight(self.workers))
+        try:
+            yield pooled
+        finally:
+            pooled.close()
+
+    def embedder(self, bundle, batch_size: int):
+        return bundle.embedder(batch_size=batch_size)
 
 
 class Pooled:

@@ -34,7 +34,7 @@ STAGES: dict[str, int] = {
     "medsim.model": 3,
     "medsim.index": 4, "medsim.operating_point": 4, "medsim.feedback": 4, "medsim.vectors": 4,
     "medsim.build": 5, "medsim.watch": 5, "medsim.search": 5, "medsim.duplicates": 5, "medsim.baselines": 5,
-    "medsim.explain": 5, "medsim.cohort": 5,
+    "medsim.build_ray": 5, "medsim.explain": 5, "medsim.cohort": 5,
     "medsim.evaluate": 6, "medsim.evaluate.calibrate": 6, "medsim.train": 6,
     "medsim.server": 7, "medsim.orthanc": 7,
     "medsim.cli": 8, "medsim.stack": 8, "medsim.__main__": 8,

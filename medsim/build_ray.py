@@ -1,0 +1,208 @@
+"""`medsim build-index SOURCE --ray [ADDRESS]`: the build runner's work on a Ray cluster (Ray Data).
+
+The runner (``medsim.build._run``) is the same as for a local build: this process lists what is new (the file
+ledger), and its ``IndexWriter`` applies labels, drops duplicates and commits batches. Only the work in between runs
+on the cluster, as one Ray Data pipeline:
+
+    items (paths on storage every node mounts at the same path, or DICOMweb instance refs)
+      → map_batches(read, decode, classify, preprocess)      stateless CPU tasks (Ray Data spreads them over the
+                                                             nodes: its default scheduling strategy is SPREAD)
+      → map_batches(_Embed, ActorPoolStrategy(size=N))       stateful actors holding the model: one GPU each
+                                                             (num_gpus=1) when the cluster has GPUs, else one CPU
+      → iter_batches on this process                         outcomes with their vectors → the writer
+
+The model bundle travels through the object store (the nodes need medsim installed, not the bundle); each actor
+verifies its fingerprint and picks its numeric mode by the local rules (``medsim.model.embedder.default_embed_mode``;
+``$MEDSIM_EMBED_MODE`` of this process is passed on). Ray retries tasks and restarts actors lost with a node; an
+outcome that arrives twice is dropped here, and if the pipeline fails anyway, what was committed stays and a re-run
+adds only the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from medsim.build import BuildReport, _init_worker
+from medsim.errors import MedsimError, ModelMismatch, short
+from medsim.model.embedder import EMBED_MODE_ENV
+
+# What an embedding actor reserves besides its CPU or GPU: torch and the model held in memory (a build-index embedding
+# process peaks at ~1.3 GB, docs/performance.md). It also keeps Ray Data from fusing the decoding tasks into the
+# actors (it fuses operators whose resources are equal), which would decode on the GPU nodes' actors.
+ACTOR_MEMORY_BYTES = 2 * 2**30
+# Object store of a Ray that medsim starts itself (no ADDRESS): the pipeline keeps a few batches of 224 px tensors
+# (~0.6 MB per image) in flight; Ray's default would take 30 % of the RAM.
+LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+# Ray's single-machine mode (its default on macOS and Windows): every Ray process of this machine binds 127.0.0.1
+# instead of every interface and advertising the machine's public address. Ray reads it when it is imported (into
+# ray._private.ray_constants.ENABLE_RAY_CLUSTER): the processes it starts inherit the variable, and this process's
+# copy of the constant is set for the start in case Ray was imported before.
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class RayError(MedsimError):
+    """The cluster could not be reached or the pipeline failed; what was committed is kept."""
+
+
+class RayExecutor:
+    """Reading and embedding on a Ray cluster; see the module docstring.
+
+    address: ``auto`` (the cluster this machine belongs to), ``ray://host:10001`` (Ray Client), ``host:port`` (the
+    head's GCS), or None / ``local`` to start a Ray on this machine for the run (bound to 127.0.0.1, no dashboard, a
+    small object store, as many CPUs as the machine has). actors: embedding actors (default: one per GPU, or half the cluster's CPUs when it has no GPU,
+    so that decoding tasks keep the other half). items_per_task: files read by one decoding task (default: the
+    embedding batch size)."""
+
+    def __init__(self, address: str | None = None, actors: int | None = None, items_per_task: int | None = None):
+        self.address, self.actors, self.items_per_task = address, actors, items_per_task
+
+    def embedder(self, bundle, batch_size: int):
+        return None  # the actors embed; outcomes arrive with their vectors
+
+    @contextmanager
+    def outcomes(self, images, todo: list, bundle, batch_size: int, report: BuildReport):
+        if not todo:  # nothing new: no cluster needed
+            yield iter(())
+            return
+        started = _connect(self.address)
+        import ray
+
+        try:
+            yield _RayOutcomes(self._dataset(ray, images, todo, bundle, batch_size), report)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _dataset(self, ray, images, todo: list, bundle, batch_size: int):
+        import ray.data
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run execution plans on the console
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the writer's bar is the one progress bar
+        context.execution_options.preserve_order = False
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        actors = self.actors or (gpus if gpus else max(1, cpus // 2))
+        per_task = self.items_per_task or batch_size
+        items = ray.data.from_items([{"item": pickle.dumps(item)} for item in todo],
+                                    override_num_blocks=max(1, math.ceil(len(todo) / per_task)))
+        read = items.map_batches(_read_batch, batch_size=None, fn_kwargs={"task": images.task(bundle.preprocess)},
+                                 num_cpus=1)
+        env = {EMBED_MODE_ENV: os.environ[EMBED_MODE_ENV]} if os.environ.get(EMBED_MODE_ENV) else {}
+        return read.map_batches(
+            _Embed, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
+            num_gpus=1 if gpus else 0, num_cpus=1, memory=ACTOR_MEMORY_BYTES,
+            fn_constructor_kwargs={"bundle_files": [ray.put(_bundle_files(bundle.path))],
+                                   "fingerprint": bundle.fingerprint, "batch_size": batch_size,
+                                   "device": "cuda" if gpus else "cpu", "env": env})
+
+
+class _RayOutcomes:
+    """The pipeline's outcomes, each once (a task Ray re-ran after losing a node may deliver a file twice); records
+    the embedding mode(s) the actors report in the build report."""
+
+    def __init__(self, dataset, report: BuildReport):
+        self.dataset, self.report = dataset, report
+        self._modes: set[str] = set()
+
+    def __iter__(self):
+        seen: set[str] = set()
+        try:
+            for batch in self.dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                modes = {str(m) for m in batch["mode"] if m}
+                if not modes <= self._modes:
+                    self._modes |= modes
+                    self.report.embed_mode = "; ".join(sorted(self._modes)) + " (Ray actors)"
+                for blob in batch["outcome"]:
+                    outcome = pickle.loads(blob)
+                    if outcome.record.path not in seen:
+                        seen.add(outcome.record.path)
+                        yield outcome
+        except (KeyboardInterrupt, MedsimError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray wraps what failed remotely in many exception types
+            raise RayError(f"the Ray pipeline failed ({short(f'{type(exc).__name__}: {exc}')}); every batch "
+                           "committed before is kept: run the same command again to add the rest") from None
+
+
+def _connect(address: str | None) -> bool:
+    """Join the cluster at ``address`` or start a local Ray; True when this call initialised Ray (and must shut it
+    down)."""
+    local = address in (None, "", "local")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a hospital's network
+    if local:
+        os.environ.setdefault(LOOPBACK_ONLY_ENV, "0")
+    try:
+        import ray
+        import ray.data  # noqa: F401  (Ray without its Data library is not enough)
+    except ImportError:
+        raise RayError("build-index --ray needs Ray Data: pip install 'medsim[scale]'") from None
+    if ray.is_initialized():
+        return False
+    try:
+        if not local:
+            ray.init(address=address, logging_level=logging.WARNING)
+        else:
+            from ray._private import ray_constants
+
+            cluster_mode, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+            try:
+                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, _node_ip_address="127.0.0.1",
+                         object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level=logging.WARNING)
+            finally:
+                ray_constants.ENABLE_RAY_CLUSTER = cluster_mode
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise RayError(f"cannot start or reach Ray ({'local' if local else address}): {short(str(exc))}") from None
+    return True
+
+
+def _bundle_files(folder: Path) -> dict[str, bytes]:
+    """The bundle directory's files (weights, description, int8 calibration), by relative path."""
+    return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(Path(folder).rglob("*")) if f.is_file()}
+
+
+def _read_batch(batch: dict, task) -> dict:
+    """Decoding task: one block of pickled items → pickled outcomes (never raises for bad input)."""
+    _init_worker()
+    outcomes = task([pickle.loads(blob) for blob in batch["item"]])
+    return {"outcome": [pickle.dumps(o, protocol=5) for o in outcomes]}
+
+
+class _Embed:
+    """Embedding actor: the bundle written to a local folder and verified, the model loaded once; embeds the batch's
+    prepared images and passes every outcome on with its vector (and without its image)."""
+
+    def __init__(self, bundle_files: list, fingerprint: str, batch_size: int, device: str, env: dict):
+        import ray
+        import torch
+
+        from medsim.model import ModelBundle
+
+        os.environ.update(env)
+        self._folder = tempfile.TemporaryDirectory(prefix="medsim-bundle-")
+        for name, data in ray.get(bundle_files[0]).items():
+            path = Path(self._folder.name) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        bundle = ModelBundle.load(self._folder.name)
+        if bundle.fingerprint != fingerprint:
+            raise ModelMismatch(f"the bundle on this node is {bundle.fingerprint}, the index needs {fingerprint}")
+        if device == "cpu":  # the threads of the CPUs Ray gave this actor, as a local build uses its cores
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+            torch.set_num_threads(max(1, int(cpus)))
+        self.embedder = bundle.embedder(device=device, batch_size=batch_size)
+        self.mode = self.embedder.describe()
+
+    def __call__(self, batch: dict) -> dict:
+        outcomes = [pickle.loads(blob) for blob in batch["outcome"]]
+        prepared = [o for o in outcomes if o.image is not None]
+        if prepared:
+            for outcome, vector in zip(prepared, self.embedder.embed_prepared([o.image for o in prepared])):
+                outcome.vector, outcome.image = vector, None
+        return {"outcome": [pickle.dumps(o, protocol=5) for o in outcomes], "mode": [self.mode] * len(outcomes)}

@@ -1,0 +1,178 @@
+"""`build-index --ray` on a real two-node Ray cluster (tests/ray_fixtures.py): the same index as the local build, the
+same incremental and resumable behaviour, also when the worker node dies in the middle of a build.
+
+The source: the sample PACS export (16 chest radiographs, a CT, an SR, a truncated file, text files, a byte-identical
+copy) plus a slice of ../shared/data (its 3 DICOMs, two of which share a SOP Instance UID with different pixels, and 8
+JPEG radiographs). Each node has one CPU and the pipeline needs one for its embedding actor and one for a decoding
+task, so a build that finishes has used both nodes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_DIR, SHARED_CXR, SHARED_DICOM, sample_manifest
+from medsim.build import build_index
+from medsim.cli import main
+from medsim.index import CaseIndex
+from medsim.ingest import LabelTable
+from ray_fixtures import descendants, listening_addresses, ray_cluster  # noqa: F401
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
+
+BATCH = 4
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """The sample export with a slice of the shared data beside it; the labels file of the sample."""
+    sample_manifest()
+    root = tmp_path_factory.mktemp("ray-export") / "export"
+    shutil.copytree(SAMPLE_DIR, root)
+    shared = root / "shared"
+    shared.mkdir()
+    for dicom in sorted(SHARED_DICOM.glob("*.dcm")):
+        shutil.copy(dicom, shared / dicom.name)
+    rows = list(csv.DictReader(open(SHARED_CXR / "labels.csv")))
+    for row in [r for r in rows if r["source"] == "kermany"][:4] + [r for r in rows if r["source"] == "nih"][:4]:
+        shutil.copy(SHARED_CXR / row["path"], shared / row["path"].replace("/", "_"))
+    return root, LabelTable.from_csv(root / "labels.csv")
+
+
+@pytest.fixture(scope="module")
+def local_fp32(export, bundle, tmp_path_factory):
+    """The local build of the export in float32 (the reference for vectors, counts and reasons)."""
+    root, labels = export
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MEDSIM_EMBED_MODE", "fp32")
+        path = tmp_path_factory.mktemp("local") / "index"
+        report = build_index(root, path, bundle, labels=labels, workers=0, batch_size=BATCH, progress=False)
+    return path, report
+
+
+def test_a_ray_started_for_the_run_listens_on_loopback_only():
+    """`--ray` without an address starts a Ray of this machine: none of its processes may listen beyond 127.0.0.1.
+    (First in the module: it needs this process not yet connected to the cluster below.)"""
+    from medsim.build_ray import _connect
+
+    assert _connect(None)
+    import ray
+
+    try:
+        addresses = listening_addresses(descendants(os.getpid()) | {os.getpid()})
+    finally:
+        ray.shutdown()
+    assert addresses and addresses <= {"127.0.0.1"}, addresses
+
+
+def test_cluster_build_equals_the_local_build(ray_cluster, export, local_fp32, tmp_path, monkeypatch, capsys):
+    root, _ = export
+    local_path, local = local_fp32
+    monkeypatch.setenv("MEDSIM_EMBED_MODE", "fp32")  # passed on to the actors
+    path, summary = tmp_path / "index", tmp_path / "report.json"
+    assert main(["build-index", str(root), "--index", str(path), "--labels", str(root / "labels.csv"), "--model",
+                 "imagenet", "--batch-size", str(BATCH), "--no-progress", "--report", str(summary),
+                 "--ray", ray_cluster.address]) == 0
+    out = capsys.readouterr().out
+    assert "embedding mode: fp32 (float32, contiguous), cpu, batch 4" in out and "(Ray actors)" in out
+    report = json.loads(summary.read_text())
+    assert report["indexed"] == local.indexed == 26 and report["total_cases"] == local.total_cases
+    assert report["skipped"] == dict(local.skipped) == {"duplicate-sop-uid": 2, "not-an-image": 4,
+                                                        "not-chest-radiograph": 1}
+    assert report["failed"] == dict(local.failed) == {"corrupt": 1}
+    assert [f["path"] for f in report["failures"]] == [f.path for f in local.failures]
+    with CaseIndex.open(path) as ray_index, CaseIndex.open(local_path) as local_index:
+        assert ray_index.meta["model_fingerprint"] == local_index.meta["model_fingerprint"]
+        assert Counter((f.status, f.reason) for f in ray_index.file_records()) == \
+            Counter((f.status, f.reason) for f in local_index.file_records())
+        assert len(ray_index.file_records()) == len(local_index.file_records()) == 34
+        by_path = {c.source_path: c for c in local_index.cases()}
+        assert {c.sop_uid for c in ray_index.cases()} == {c.sop_uid for c in by_path.values()}
+        compared = 0
+        for case in ray_index.cases():
+            twin = by_path.get(case.source_path)
+            if twin is None:  # the SIIM file or its MONOCHROME1 twin (same SOP UID): the first read wins
+                continue
+            assert (case.patient_id, case.labels, case.pixel_hash, case.view) == \
+                (twin.patient_id, twin.labels, twin.pixel_hash, twin.view)
+            assert float(ray_index.vector(case.sop_uid) @ local_index.vector(twin.sop_uid)) >= 0.9999
+            compared += 1
+        assert compared >= 25
+
+
+def test_rerun_on_the_cluster_reads_only_what_is_new(ray_cluster, export, local_fp32, bundle, tmp_path):
+    from medsim.build_ray import RayExecutor
+
+    root, labels = export
+    copy = tmp_path / "index"
+    shutil.copytree(local_fp32[0], copy)  # a local index continued on the cluster: the same ledger decides
+    again = build_index(root, copy, bundle, labels=labels, batch_size=BATCH, progress=False,
+                        executor=RayExecutor(ray_cluster.address))
+    assert again.indexed == 0 and again.unchanged == 34 and again.total_cases == 26
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    row = next(r for r in csv.DictReader(open(SHARED_CXR / "labels.csv")) if r["source"] == "rsna")
+    shutil.copy(SHARED_CXR / row["path"], extra / "new.jpg")
+    added = build_index(extra, copy, bundle, batch_size=BATCH, progress=False,
+                        executor=RayExecutor(ray_cluster.address))
+    assert added.indexed == 1 and added.total_cases == 27
+
+
+def test_a_lost_worker_node_loses_and_repeats_nothing(ray_cluster, export, local_fp32, bundle, tmp_path):
+    """The worker node is killed once the first batches are committed; Ray re-runs its work elsewhere (or the run
+    fails); a second run adds exactly what is missing. Nothing is lost, nothing is indexed or recorded twice."""
+    from medsim.build_ray import RayError, RayExecutor
+
+    root, labels = export
+    path = tmp_path / "index"
+    catalog = path / "catalog.sqlite"
+    killed_at: list[int] = []
+
+    def kill_when_committed():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed_at:
+            try:
+                with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True, timeout=1) as db:
+                    committed = db.execute("SELECT COUNT(*) FROM cases").fetchone()[0]
+            except sqlite3.Error:
+                committed = 0
+            if committed >= BATCH:
+                ray_cluster.kill_worker()
+                killed_at.append(committed)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_committed, daemon=True)
+    killer.start()
+    executor = RayExecutor(ray_cluster.address, items_per_task=2)
+    try:
+        first = build_index(root, path, bundle, labels=labels, batch_size=BATCH, progress=False, executor=executor)
+        first_indexed = first.indexed
+    except RayError:
+        first_indexed = None
+    killer.join(timeout=60)
+    assert killed_at and killed_at[0] < 26, "the worker node was not killed during the build"
+    second = build_index(root, path, bundle, labels=labels, batch_size=BATCH, progress=False,
+                         executor=RayExecutor(ray_cluster.address))
+    if first_indexed is not None:
+        assert first_indexed + second.indexed == 26
+    assert second.total_cases == 26
+    with CaseIndex.open(path) as index, CaseIndex.open(local_fp32[0]) as local:
+        records = index.file_records()
+        assert len(records) == len({r.path for r in records}) == 34
+        assert Counter((f.status, f.reason) for f in records) == Counter((f.status, f.reason)
+                                                                         for f in local.file_records())
+        cases = index.cases()
+        assert len(cases) == len({c.sop_uid for c in cases}) == len(index.vectors()[0]) == 26
+        assert {c.sop_uid for c in cases} == {c.sop_uid for c in local.cases()}
+        ids, vectors = index.vectors()
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
