@@ -53,7 +53,11 @@ COLUMNS = ("voted_at", "user", "query_sop_uid", "hit_sop_uid", "vote", "score", 
 
 
 class FeedbackError(MedsimError):
-    """Votes cannot be stored (the catalog is read-only) or read."""
+    """Votes cannot be stored or read: the catalog is read-only (``read_only``), or busy beyond the wait."""
+
+    def __init__(self, message: str, read_only: bool = False):
+        super().__init__(message)
+        self.read_only = read_only
 
 
 @dataclass(frozen=True)
@@ -105,8 +109,9 @@ class FeedbackStore:
                            tuple(getattr(row, c) for c in COLUMNS))
         except sqlite3.OperationalError as exc:
             if "readonly" in str(exc) or "read-only" in str(exc) or "unable to open" in str(exc):
-                raise FeedbackError("the index's catalog is read-only here: votes cannot be stored") from None
-            raise FeedbackError(f"the vote could not be stored ({exc})") from None
+                raise FeedbackError("the index's catalog is read-only here: votes cannot be stored",
+                                    read_only=True) from None
+            raise FeedbackError(f"the vote could not be stored now ({exc}); try again") from None
         return row
 
     def votes(self, query_sop_uid: str | None = None, model_fingerprint: str | None = None) -> list[Vote]:

@@ -321,3 +321,25 @@ def test_real_answers_match_the_openapi_document(make_client, index_copy, query)
             ("postFeedback", {"body": {"query": query.sop_uid, "hit": hit, "vote": "none"}}, 200)):
         case = found[operation_id].Case(media_type="application/json" if "body" in kwargs else None, **kwargs)
         assert case.call_and_validate(checks=checks).status_code == status, operation_id
+
+
+def test_a_vote_waits_for_a_writer_then_answers_503_busy(make_client, index_copy, query):
+    """build-index holding the catalog's write lock longer than a vote waits (5 s): 503 with Retry-After."""
+    from medsim.feedback import BUSY_TIMEOUT_S
+
+    _clear(index_copy)
+    client = make_client()
+    hit = _similar(client, query.sop_uid)["results"][0]["sop_uid"]
+    writer = sqlite3.connect(index_copy / CATALOG, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # what a build-index batch holds while it commits
+    try:
+        started = time.monotonic()
+        busy = client.post("/api/v1/feedback", json={"query": query.sop_uid, "hit": hit, "vote": "up"})
+        assert time.monotonic() - started >= BUSY_TIMEOUT_S * 0.9
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+    assert busy.status_code == 503 and busy.get_json()["error"]["code"] == "busy" and busy.headers["Retry-After"]
+    assert _rows(index_copy) == []
+    assert client.post("/api/v1/feedback", json={"query": query.sop_uid, "hit": hit, "vote": "up"}).status_code \
+        == 201

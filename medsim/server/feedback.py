@@ -22,7 +22,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 from medsim.dicomweb import is_uid
 from medsim.feedback import VOTES, WITHDRAW, FeedbackError, FeedbackStore, net_votes, refine
 from medsim.server import similar
-from medsim.server.errors import ApiError
+from medsim.server.errors import ApiError, error_response
 from medsim.server.security import audit
 from medsim.server.state import Service
 
@@ -115,7 +115,11 @@ def _post_vote(service: Service):
         stored = _store(service).vote(user=user, query_sop_uid=query, hit_sop_uid=hit, vote=vote, score=score,
                                       model_fingerprint=service.index.model_fingerprint)
     except FeedbackError as exc:
-        raise ApiError(409, "read-only-index", str(exc)) from None
+        if exc.read_only:
+            raise ApiError(409, "read-only-index", str(exc)) from None
+        busy = error_response(503, "busy", str(exc))  # a build-index transaction held the catalog past the wait
+        busy.headers["Retry-After"] = "1"
+        return busy
     audit(score=score, voter=user)
     return jsonify({"query": query, "hit": hit, "vote": vote, "user": user, "score": score,
                     "voted_at": stored.voted_at if stored else None,
