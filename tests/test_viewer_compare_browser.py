@@ -100,6 +100,8 @@ def test_compare_query_and_hit_side_by_side(stack, context):
     assert left["y"] == right["y"] == 0 and left["height"] == right["height"] == 1 and left["x"] < right["x"]
     assert query["sop_uid"] in left["imageId"], left
     assert hit["sop"] in right["imageId"], right
+    # the query's viewport stays the active one ("Find similar cases" is still about the query)
+    assert page.evaluate("() => window.services.viewportGridService.getState().activeViewportId") == left["id"]
     panes = page.locator('[data-cy="viewport-pane"]')
     assert panes.count() == 2
     boxes = [panes.nth(i).bounding_box() for i in range(2)]

@@ -32,7 +32,7 @@ test('compareLayout: one row of two stack viewports, query left, hit right, each
     { sync: true, hitViewportId: 'hit-7' });
   assert.equal(layout.numRows, 1);
   assert.equal(layout.numCols, 2);
-  assert.equal(layout.activeViewportId, 'hit-7');
+  assert.equal(layout.activeViewportId, QUERY_VIEWPORT_ID);
   const [left, right] = [layout.findOrCreateViewport(0), layout.findOrCreateViewport(1)];
   assert.equal(layout.findOrCreateViewport(2), null);
   assert.deepEqual(left.displaySetInstanceUIDs, ['q']);
@@ -45,7 +45,7 @@ test('compareLayout: one row of two stack viewports, query left, hit right, each
   assert.notEqual(layout.findOrCreateViewport(0), left, 'a fresh object per call (the grid writes into it)');
   const unsynced = compareLayout({ displaySetInstanceUID: 'q', index: 0 }, { displaySetInstanceUID: 'h', index: 0 });
   assert.deepEqual(unsynced.findOrCreateViewport(1).viewportOptions.syncGroups, []);
-  assert.equal(unsynced.activeViewportId, HIT_VIEWPORT_ID);
+  assert.equal(unsynced.findOrCreateViewport(1).viewportOptions.viewportId, HIT_VIEWPORT_ID);
 });
 
 test('overlayTransform maps the overlay onto the drawn image: scale, offset, flip', () => {

@@ -94,7 +94,8 @@ export function compareLayout(queryImage, hitImage, { sync = false, syncType = V
   return {
     numRows: 1,
     numCols: 2,
-    activeViewportId: hitViewportId,
+    // the query's stays the active viewport: what the panel and "Find similar cases" are about
+    activeViewportId: QUERY_VIEWPORT_ID,
     // a fresh object per call: the grid's reducer writes into what it gets
     findOrCreateViewport: position => (viewports[position] ? structuredClone(viewports[position]) : null),
   };
