@@ -1,0 +1,139 @@
+"""build-index on Ray against the local build, on this machine (issue 17): the Ray path's overhead and a 1 -> 2
+worker-node curve.
+
+Every build indexes the same N JPEG radiographs of ../shared/data/cxr (512 px; copied at run time to the git-ignored
+var/bench/ray-cxr) from scratch, in a fresh process, with the default bundle, numeric mode and batch size:
+
+  local            medsim.build.build_index as `medsim build-index` runs it (default workers)
+  ray-local        the same with RayExecutor() (`build-index --ray`: a Ray for the run on this machine, all its CPUs)
+  cluster-1 / -2   RayExecutor(address) on a cluster of this machine (ray.cluster_utils): a head with no CPUs (as
+                   KubeRay's head is usually run) and 1, then 2 worker nodes of 2 logical CPUs each -- all on the
+                   same 2 physical cores, so the curve measures Ray's distribution overhead, not added hardware
+
+*Whole run* = indexed / the build's wall time (model load, Ray start or connection, actor start included); *steady*
+= images committed after the first batch / the time since. The machine is shared: its load average is recorded
+before and after each build.
+
+    python -m benchmarks.bench_ray [--images 480]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+
+from benchmarks.common import ROOT, WORK, load_average, machine, say, shared_data, write_result
+
+BUILD = r"""
+import json, sys, time, warnings, logging
+warnings.filterwarnings("ignore")
+logging.getLogger("medsim.model").setLevel(logging.ERROR)
+from medsim import build as B
+from medsim.model import resolve_bundle
+source, index, address = sys.argv[1], sys.argv[2], sys.argv[3]
+stamps = []
+flush = B.IndexWriter.flush
+def timed_flush(self):
+    flush(self)
+    stamps.append((time.perf_counter(), self.report.indexed))
+B.IndexWriter.flush = timed_flush
+started = time.perf_counter()
+bundle = resolve_bundle(None)
+executor = None
+if address != "none":
+    from medsim.build_ray import RayExecutor
+    executor = RayExecutor(None if address == "local" else address)
+report = B.build_index(source, index, bundle, progress=False, executor=executor)
+wall = time.perf_counter() - started
+steady = None
+if len(stamps) >= 3 and stamps[-1][0] > stamps[0][0]:
+    steady = (stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
+print(json.dumps({"indexed": report.indexed, "failed": dict(report.failed), "skipped": dict(report.skipped),
+                  "seconds": report.seconds, "wall": wall, "images_per_s": report.images_per_second,
+                  "steady_images_per_s": steady, "first_batch_s": stamps[0][0] - started if stamps else None,
+                  "mode": report.embed_mode}))
+"""
+
+
+def _source(n: int):
+    """N JPEGs of the dev set (kermany and nih: 512 px), copied once."""
+    folder = WORK / "ray-cxr" / str(n)
+    if folder.is_dir() and len(list(folder.iterdir())) == n:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    cxr = shared_data() / "cxr"
+    rows = [r for r in csv.DictReader(open(cxr / "labels.csv")) if r["path"].endswith(".jpg")
+            and r["source"] in ("kermany", "nih", "nih2", "rsna")]
+    for row in rows[:n]:
+        shutil.copy(cxr / row["path"], folder / row["path"].replace("/", "_"))
+    return folder
+
+
+def _build(source, address: str, env: dict) -> dict:
+    index = WORK / "ray-index"
+    shutil.rmtree(index, ignore_errors=True)
+    before = load_average()
+    result = subprocess.run([sys.executable, "-c", BUILD, str(source), str(index), address], capture_output=True,
+                            text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore", **env}, timeout=1800)
+    if result.returncode != 0:
+        raise RuntimeError(f"build ({address}) failed: {result.stderr[-3000:]}")
+    shutil.rmtree(index, ignore_errors=True)
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "load_average_before": before,
+            "load_average_after": load_average()}
+
+
+def run(images: int = 480) -> dict:
+    source = _source(images)
+    builds = {}
+    say(f"local build of {images} images")
+    builds["local"] = _build(source, "none", {})
+    say("ray-local")
+    builds["ray-local"] = _build(source, "local", {})
+    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    os.environ.update(env)
+    from ray.cluster_utils import Cluster
+
+    temp_dir = f"/tmp/medsim-bench-ray-{os.getpid()}"
+    cluster = Cluster()
+    try:
+        cluster.add_node(node_ip_address="127.0.0.1", num_cpus=0, include_dashboard=False,
+                         object_store_memory=256 * 2**20, temp_dir=temp_dir)
+        for nodes in (1, 2):
+            cluster.add_node(node_ip_address="127.0.0.1", num_cpus=2, object_store_memory=256 * 2**20)
+            say(f"cluster with {nodes} worker node(s)")
+            builds[f"cluster-{nodes}"] = {**_build(source, cluster.address, env), "worker_nodes": nodes,
+                                          "logical_cpus": 2 * nodes}
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    local = builds["local"]
+    ratios = {name: {"whole_run": b["images_per_s"] / local["images_per_s"],
+                     "steady": (b["steady_images_per_s"] / local["steady_images_per_s"]
+                                if b["steady_images_per_s"] and local["steady_images_per_s"] else None)}
+              for name, b in builds.items() if name != "local"}
+    return {"machine": machine(), "images": images, "source": "../shared/data/cxr JPEGs (512 px), kermany/nih/rsna",
+            "builds": builds, "ratio_to_local": ratios,
+            "note": "one shared 2-core VM: other engineers' jobs ran at the same time (load averages recorded)"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=480)
+    args = parser.parse_args()
+    started = time.time()
+    path = write_result("ray_build", run(args.images))
+    say(f"wrote {path} in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
