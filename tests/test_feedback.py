@@ -131,7 +131,12 @@ def test_anonymous_votes_without_tokens(make_client, index_copy, query):
     hit = _similar(client, query.sop_uid)["results"][1]["sop_uid"]
     response = client.post("/api/v1/feedback", json={"query": query.sop_uid, "hit": hit, "vote": "up"})
     assert response.status_code == 201 and response.get_json()["user"] == "anonymous"
-    assert [r["user"] for r in _rows(index_copy)] == ["anonymous"]
+    # a front end that authenticates (REMOTE_USER from the WSGI server, e.g. behind SSO) names the voter
+    other = _similar(client, query.sop_uid)["results"][2]["sop_uid"]
+    named = client.post("/api/v1/feedback", json={"query": query.sop_uid, "hit": other, "vote": "down"},
+                        environ_overrides={"REMOTE_USER": "jdoe"})
+    assert named.status_code == 201 and named.get_json()["user"] == "jdoe"
+    assert [(r["user"], r["vote"]) for r in _rows(index_copy)] == [("anonymous", 1), ("jdoe", -1)]
 
 
 @pytest.mark.parametrize("body, status, code", [
