@@ -28,9 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from medsim import __version__
-from medsim.dicomweb import (
-    DicomWebClient, PacsError, PacsNotFound, SERIES_UID, SOP_UID, STUDY_UID, _first,
-)
+from medsim.dicomweb import SERIES_UID, SOP_UID, STUDY_UID, DicomWebClient, PacsError, PacsNotFound, _first
 from medsim.errors import MedsimError
 
 CSV_COLUMNS = ("role", "rank", "score", "study_uid", "series_uid", "sop_uid", "patient", "view", "findings")
@@ -133,10 +131,10 @@ def build_kos(cohort: Cohort, study, instances: dict, *, series_uid: str | None 
     ``instances``: SOP Instance UID → Dataset with at least SOPClassUID (and Rows/Columns for images) of every member.
     """
     import highdicom as hd
+    from highdicom.sr.utils import collect_evidence
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
-    from highdicom.sr.utils import collect_evidence
 
     missing = [m.sop_uid for m in cohort.members if m.sop_uid not in instances]
     if missing:

@@ -21,13 +21,13 @@ import json
 import numpy as np
 from flask import Blueprint, Response, current_app, jsonify, request
 
-from medsim.cohort import CohortError, make_cohort, store_kos, to_csv
+from medsim.cohort import SERIES_DESCRIPTION, CohortError, make_cohort, store_kos, to_csv
 from medsim.dicomweb import is_uid
 from medsim.index import Hit
 from medsim.search import FilterError, parse_filters
 from medsim.server.errors import ApiError
 from medsim.server.security import audit
-from medsim.server.similar import MAX_JSON_BYTES, UID_FIELDS, _query_by_uids, app_settings, viewer_url
+from medsim.server.similar import MAX_JSON_BYTES, UID_FIELDS, _query_by_uids, patient_ref, viewer_url
 from medsim.server.state import Service
 
 FIELDS = ("query", "hits", "filters", "format")
@@ -55,22 +55,17 @@ def _cohort(service: Service):
         raise ApiError(409, "no-pacs", "the server has no PACS configured (--pacs), so a KOS cannot be stored; "
                        "export CSV instead")
     vector, info, _ = _query_by_uids(service, body["query"])
-    cases = []
+    query_vector = np.asarray(vector, dtype=np.float64)
+    query_vector = query_vector / (np.linalg.norm(query_vector) or 1.0)  # never in place: it may be a cached vector
+    hits = []
     for sop_uid in body["hits"]:
         case = service.case(sop_uid)
         if case is None:
             raise ApiError(404, "not-indexed", f"hit {sop_uid} is not indexed")
-        cases.append(case)
-    query_vector = np.asarray(vector, dtype=np.float64)
-    query_vector = query_vector / (np.linalg.norm(query_vector) or 1.0)
-    hits = []
-    for case in cases:
-        stored = np.asarray(service.index.vector(case.sop_uid), dtype=np.float64)
-        hits.append(Hit(case, float(query_vector @ stored / (np.linalg.norm(stored) or 1.0))))
+        hit_vector = np.asarray(service.index.vector(sop_uid), dtype=np.float64)
+        hits.append(Hit(case, float(query_vector @ hit_vector / (np.linalg.norm(hit_vector) or 1.0))))
     indexed = service.case(info.sop_uid) if info.indexed else None
-    settings = app_settings()
-    members = make_cohort(info, indexed.labels if indexed else (), hits,
-                          lambda patient_id: service.patient_ref(patient_id, settings.pseudonymize_patient_ids),
+    members = make_cohort(info, indexed.labels if indexed else (), hits, lambda p: patient_ref(service, p),
                           model=service.index.meta.get("model_name") or "", filters=body["filters"])
     if fmt == "csv":
         response = Response(to_csv(members), mimetype="text/csv")
@@ -82,7 +77,7 @@ def _cohort(service: Service):
         raise ApiError(409, exc.reason, str(exc)) from None
     audit(kos_sop_uid=stored.sop_uid)
     answer = jsonify({"study_uid": stored.study_uid, "series_uid": stored.series_uid, "sop_uid": stored.sop_uid,
-                      "references": stored.references, "series_description": "medsim cohort",
+                      "references": stored.references, "series_description": SERIES_DESCRIPTION,
                       "viewer_url": viewer_url(service, info)})
     answer.status_code = 201
     return answer
