@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     queries = queries[:args.queries]
     rows = []
     with CaseIndex.open(path) as index:
-        index.graph()  # loaded before timing
+        index.store()  # loaded before timing
         for name, spec in FILTERS.items():
             case_filter = parse_filters(spec) if spec else None
             keep = np.asarray([case_filter.matches(c) for c in cases]) if case_filter else np.ones(len(cases), bool)

@@ -1252,14 +1252,14 @@ class CaseFilter:
 
 def case_fields(case: Case) -> dict:
     """The filterable values of a case as a vector store keeps them (:class:`medsim.vectors.MilvusStore`), with the
-    meaning :meth:`CaseFilter.matches` gives them: view class, first letter of the sex, age in years, lower-case
-    labels, YYYYMMDD study date, upper-case modality."""
+    meaning :meth:`CaseFilter.matches` gives them: view class, first letter of the sex, age in years, the labels as
+    '|a|b|' in lower case, YYYYMMDD study date, upper-case modality."""
     attrs = case.attributes
     age = _age_years(attrs.get("age"))
     return {"patient": case.patient_id, "view": view_class(case.view),
             "sex": str(attrs.get("sex") or attrs.get("patient_sex") or "").strip()[:1].upper(),
             "age": age if age is not None and math.isfinite(age) else None,
-            "labels": sorted({label.lower() for label in case.labels}),
+            "labels": "|" + "|".join(case.labels).lower() + "|",  # as the catalog's SQL matches them
             "study_date": str(attrs.get("study_date") or "").replace("-", "")[:16],
             "modality": case.modality.upper()[:64]}
 

@@ -521,7 +521,7 @@ def _fsync_dir(path: Path) -> None:
 
 # scalar fields of the collection: what a CaseFilter and the patient exclusion need (medsim.index.case_fields)
 _MAX_TEXT = 1024
-_MAX_LABELS = 4096
+_MAX_LABELS = 65535  # bytes of the '|'-joined findings
 _CATALOG_PROPERTY = "medsim.catalog"  # the catalog's id, so a collection of another index is never used
 _MILVUS_BATCH = 2000
 # milvus-lite runs in this process (a gRPC server per data folder, which locks the folder): stopped when the last
@@ -533,7 +533,7 @@ _LITE_LOCK = threading.Lock()
 class MilvusStore(VectorStore):
     """A Milvus collection (HNSW index, COSINE metric: distances as hnswlib's). One row per case: ``id`` (the case
     id, primary key), ``vector``, and the filterable fields ``patient`` (nullable), ``view`` (frontal, lateral or
-    unknown), ``sex`` (F/M/O or ''), ``age`` (years, nullable), ``labels`` (lower case), ``study_date`` (YYYYMMDD or
+    unknown), ``sex`` (F/M/O or ''), ``age`` (years, nullable), ``labels`` ('|a|b|', lower case), ``study_date`` (YYYYMMDD or
     ''), ``modality`` (upper case). Writes are visible to searches at once (Strong consistency); :meth:`save`
     flushes them to storage."""
 
@@ -594,8 +594,7 @@ class MilvusStore(VectorStore):
         schema.add_field("view", DataType.VARCHAR, max_length=16)
         schema.add_field("sex", DataType.VARCHAR, max_length=4)
         schema.add_field("age", DataType.FLOAT, nullable=True)
-        schema.add_field("labels", DataType.ARRAY, element_type=DataType.VARCHAR, max_capacity=_MAX_LABELS,
-                         max_length=_MAX_TEXT)
+        schema.add_field("labels", DataType.VARCHAR, max_length=_MAX_LABELS)
         schema.add_field("study_date", DataType.VARCHAR, max_length=16)
         schema.add_field("modality", DataType.VARCHAR, max_length=64)
         params = self.client.prepare_index_params()
@@ -757,6 +756,10 @@ def _short(exc: Exception) -> str:
     return " ".join(str(text).split())[:300]
 
 
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _literal(text: str) -> str:
     """A string literal of a Milvus boolean expression."""
     return json.dumps(text, ensure_ascii=False)
@@ -778,9 +781,10 @@ def milvus_expression(case_filter=None, exclude_patient: str | None = None, excl
             clauses.append(f"age >= {float(f.age_min)!r}")
         if f.age_max is not None:
             clauses.append(f"age <= {float(f.age_max)!r}")
-        if f.findings:
-            how = "array_contains_all" if f.findings_mode == "all" else "array_contains_any"
-            clauses.append(f"{how}(labels, [{', '.join(_literal(x.lower()) for x in f.findings)}])")
+        if f.findings:  # LIKE over '|a|b|', as the catalog's SQL (array_contains is a row-wise loop in milvus-lite)
+            joiner = " and " if f.findings_mode == "all" else " or "
+            clauses.append("(" + joiner.join(f"labels like {_literal('%|' + _like_escape(x.lower()) + '|%')}"
+                                             for x in f.findings) + ")")
         if f.modalities:
             clauses.append(f"modality in [{', '.join(_literal(m.upper()) for m in f.modalities)}]")
         if f.date_from:
