@@ -5,15 +5,16 @@
  *
  * OHIF's own services do the work: the active data source loads the hit's study into the viewer (as OHIF's study
  * browser does), viewportGridService.setLayout puts the two images in a 1 × 2 grid, a viewportOverlay.topLeft
- * customization writes the labels, syncGroupService links window/level (a synchronizer type of our own, registered
- * with it: it carries a window/level change over *relative to each image's own initial window*, since two
- * radiographs rarely share a pixel scale (8-bit against 16-bit, CR against DX); OHIF's own "voi" type copies the
- * values and is the fallback when cornerstone's tools are not reachable). OHIF's
- * "@ohif/hpCompare" hanging protocol is not used: with two single-image studies it opens its 2 × 2 stage with an empty
- * bottom row and does not say which image is the query. The overlays are <img> elements over the cornerstone canvas,
- * placed with the viewport's own worldToCanvas and moved with its camera (zoom, pan, flip).
+ * customization writes the labels, syncGroupService links window/level. The sync is a synchronizer type of our own,
+ * registered with that service: it carries a window/level change over *relative to each image's initial window*,
+ * since two radiographs rarely share a pixel scale (8-bit against 16-bit, CR against DX); OHIF's "voi" type copies
+ * the values and is the fallback when cornerstone's tools are not reachable. OHIF's "@ohif/hpCompare" hanging
+ * protocol is not used: with two single-image studies it opens its 2 × 2 stage with an empty bottom row and does not
+ * say which image is the query. The overlays are <img> elements over the cornerstone canvas, placed with the
+ * viewport's own worldToCanvas and moved with its camera (zoom, pan, flip).
  *
- * The pure parts (labels, which image, the grid, the overlay's placement) are exported for `node --test`.
+ * The pure parts (labels, which image, the grid, the window mapping, the overlay's placement) are exported for
+ * `node --test`.
  */
 
 import { explainUrl, fetchJson } from './logic.js';
@@ -25,8 +26,8 @@ export const VOI_SYNC_TYPE = 'medsimrelativevoi';
 export const LABEL_ITEM_ID = 'medsimCompareLabel';
 /** Longest side of the viewport overlays (the thumbnails' are 96 px). */
 export const OVERLAY_SIZE = 512;
-const VOI_MODIFIED = 'CORNERSTONE_VOI_MODIFIED';
 // cornerstone3D's event names (Enums.Events), as strings: the plugin has no cornerstone import
+const VOI_MODIFIED = 'CORNERSTONE_VOI_MODIFIED';
 const CAMERA_MODIFIED = 'CORNERSTONE_CAMERA_MODIFIED';
 const IMAGE_RENDERED = 'CORNERSTONE_IMAGE_RENDERED';
 
