@@ -157,7 +157,7 @@ def test_compare_query_and_hit_side_by_side(stack, context):
     assert after[0]["voi"] != before[0]["voi"], "the drag did not change the query's window/level"
     assert after[1]["voi"] == before[1]["voi"], "the hit's window/level followed without sync"
     # synced, a change on one image is carried to the other relative to each one's initial window (the sample's
-    # images differ in pixel scale: 8-bit query, 16-bit hits)
+    # query's initial window is 0-255, its third hit's 0-65535)
     page.check('[data-cy="medsim-compare-sync"]')
     initial = [v["voi"] for v in before]
     drag(page, boxes[0], -80, 30)
