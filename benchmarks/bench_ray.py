@@ -125,6 +125,39 @@ def run(images: int = 480) -> dict:
             "note": "one shared 2-core VM: other engineers' jobs ran at the same time (load averages recorded)"}
 
 
+def section_ray(results=None) -> list[str]:
+    """The docs/performance.md section from benchmarks/results/ray_build.json (empty when it was never run)."""
+    from benchmarks.common import RESULTS
+
+    path = (results or RESULTS) / "ray_build.json"
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    rows = []
+    for name, b in data["builds"].items():
+        ratio = data["ratio_to_local"].get(name, {})
+        rows.append(f"| {name} | {b['indexed']} | {b['wall']:.1f} | {b['images_per_s']:.2f} | "
+                    f"{b['steady_images_per_s'] or 0:.2f} | "
+                    + (f"{100 * ratio['whole_run']:.0f} % / {100 * ratio['steady']:.0f} %" if ratio.get("steady")
+                       else "–") + f" | {b['load_average_before'][0]:.1f} → {b['load_average_after'][0]:.1f} | "
+                    f"{b['mode']} |")
+    return [
+        "## Build-index on Ray (issue 17)", "",
+        f"`python -m benchmarks.bench_ray --images {data['images']}` ({m['cpu']}, {m['logical_cpus']} logical CPUs, "
+        f"created {data['created_at']}): {data['images']} JPEG radiographs of the dev set (512 px) indexed from "
+        "scratch, each build in a fresh process with the default bundle and mode. *local*: `build-index` as it runs "
+        "by default; *ray-local*: `build-index --ray` (a Ray started for the run on this machine, 2 CPUs: one "
+        "embedding actor, one decoding task at a time); *cluster-1/-2*: `--ray ADDRESS` on a cluster of this "
+        "machine with a head without CPUs and 1 then 2 worker nodes of 2 logical CPUs each -- on the same 2 "
+        "physical cores, so the curve shows Ray's overhead, not more hardware. "
+        f"**{data['note']}.**", "",
+        "| build | images | wall s | whole run img/s | steady img/s | of local (whole / steady) | load (1 min) | "
+        "embedding mode |", "|---|---:|---:|---:|---:|---|---|---|", *rows, "",
+        "Steady = images committed after the first batch / the time since (start-up excluded: Ray start or "
+        "connection, actor start, model load). Cost model for 10^6-10^7 images: [scaling](scaling.md).", ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=480)

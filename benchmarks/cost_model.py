@@ -7,6 +7,7 @@ costs (docs/scaling.md prints this table; it regenerates from benchmarks/results
   embed e    CPU-core seconds per image of the embedding model: torch threads / images per second of embed.json's
              best int8 run (VNNI CPU, fine-tuned bundle) and of channels_last (float32, any x86 CPU)
   GPU g      images per second of one GPU (embed_gpu.json, bf16, batch 16, H100)
+  bytes b    bytes per stored image of that export (its size / its files): what storage must deliver, N b / T
   Ray r      the Ray path's throughput relative to the local build on the same machine (ray_build.json, steady
              state; 1.0 when not measured): the cluster's cores are divided by it
 
@@ -46,6 +47,8 @@ def inputs() -> dict:
     ratio = (ray.get("ratio_to_local", {}).get("ray-local", {}) or {}).get("steady")
     return {
         "decode_core_s": {s["syntax"]: 1.0 / s["medsim_reduced_images_per_s"] for s in decode.get("summary", [])},
+        "bytes_per_image": (decode.get("export", {}).get("bytes", 0) / decode["export"]["files"]
+                            if decode.get("export", {}).get("files") else None),
         "decode_megapixels": max((s["megapixels_median"] for s in decode.get("summary", [])), default=None),
         "embed_core_s": {mode: threads / best[mode]["images_per_s"] for mode in ("int8", "channels_last")
                          if mode in best},
@@ -65,7 +68,13 @@ def table(hours: float, cores_per_node: int) -> str:
              f"{i['embed_core_s'].get('channels_last', float('nan')):.3f} CPU-core s/image; one GPU "
              f"({i['gpu']}, bf16) {i['gpu_images_per_s']:.0f} images/s; Ray efficiency r = {r:.2f}"
              + ("" if i["ray_ratio_measured"] else " (not measured)") + f". Target: {hours:g} h; "
-             f"{cores_per_node}-core nodes.", "",
+             f"{cores_per_node}-core nodes.", ""]
+    if i["bytes_per_image"]:
+        lines += [f"Storage: {i['bytes_per_image'] / 2**20:.1f} MiB per image -> "
+                  + ", ".join(f"10^{round(math.log10(n))} images: {n * i['bytes_per_image'] / 2**40:.1f} TiB, "
+                              f"{n * i['bytes_per_image'] / seconds / 2**20:,.0f} MiB/s" for n in SIZES)
+                  + " of reads from storage (the average over the export's seven syntaxes; uncompressed images are ~3x that).", ""]
+    lines += [
              "| syntax | decode s | images | CPU only, int8: cores (nodes) | CPU only, float32: cores (nodes) "
              "| GPUs (bf16) | + decode cores (nodes) |",
              "|---|---|---|---|---|---|---|"]
