@@ -757,8 +757,12 @@ class CaseIndex:
         store = self._store()
         if store.filters_inside:
             max_id = None if within is None else (int(within[-1]) if len(within) else -1)
+            share = None
+            if case_filter:  # how selective the filter is (the catalog's count, cached per filter)
+                share = len(self.filter_ids(case_filter)[0]) / max(1, len(self.filter_ids(None)[0]))
             return store.knn(vector, k, case_filter=case_filter or None, exclude_patient=exclude_patient,
-                             excluded=self.excluded_ids(None, exclude_sop_uid) | self._store_extra, max_id=max_id)
+                             excluded=self.excluded_ids(None, exclude_sop_uid) | self._store_extra, max_id=max_id,
+                             share=share)
         excluded = self.excluded_ids(exclude_patient, exclude_sop_uid)
         if not case_filter:
             return store.knn(vector, k, excluded=excluded)
