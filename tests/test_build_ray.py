@@ -1,5 +1,6 @@
 """`build-index --ray` on a real two-node Ray cluster (tests/ray_fixtures.py): the same index as the local build, the
-same incremental and resumable behaviour, also when the worker node dies in the middle of a build.
+same incremental and resumable behaviour, also when the worker node dies in the middle of a build; and a DICOMweb
+source (the Orthanc of tests/orthanc_fixtures.py) fetched by the nodes.
 
 The source: the sample PACS export (16 chest radiographs, a CT, an SR, a truncated file, text files, a byte-identical
 copy) plus a slice of ../shared/data (its 3 DICOMs, two of which share a SOP Instance UID with different pixels, and 8
@@ -27,6 +28,7 @@ from medsim.build import build_index
 from medsim.cli import main
 from medsim.index import CaseIndex
 from medsim.ingest import LabelTable
+from orthanc_fixtures import pacs  # noqa: F401
 from ray_fixtures import descendants, listening_addresses, ray_cluster  # noqa: F401
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(420)]
@@ -127,6 +129,25 @@ def test_rerun_on_the_cluster_reads_only_what_is_new(ray_cluster, export, local_
     added = build_index(extra, copy, bundle, batch_size=BATCH, progress=False,
                         executor=RayExecutor(ray_cluster.address))
     assert added.indexed == 1 and added.total_cases == 27
+
+
+def test_cluster_build_from_a_pacs(ray_cluster, pacs, tmp_path):
+    """A DICOMweb source on the cluster: the driver lists (QIDO-RS), the decoding tasks fetch (WADO-RS) on the nodes;
+    the same cases, keyed by their WADO-RS URLs, as the local build from the same PACS."""
+    from medsim.build_ray import RayExecutor
+    from medsim.search import bundle_for_index
+
+    with CaseIndex.open(pacs.index_path) as index:
+        bundle = bundle_for_index(index)
+    report = build_index(pacs.url, tmp_path / "index", bundle, batch_size=BATCH, progress=False,
+                         executor=RayExecutor(ray_cluster.address))
+    expected = pacs.indexed + pacs.pacs_only
+    assert report.indexed == len(expected) and not report.failed
+    with CaseIndex.open(tmp_path / "index") as index:
+        cases = {c.sop_uid: c for c in index.cases()}
+        assert set(cases) == {i.sop_uid for i in expected}
+        for instance in expected:
+            assert cases[instance.sop_uid].source_path == pacs.client.instance_url(*instance.uids.values())
 
 
 def test_a_lost_worker_node_loses_and_repeats_nothing(ray_cluster, export, local_fp32, bundle, tmp_path):
