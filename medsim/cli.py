@@ -64,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--skip-duplicates", action="store_true", help="keep exact duplicates (same decoded pixels as "
                        "an indexed image or one read earlier) out of the index; each is reported as skipped "
                        "(duplicate-pixels) with the image it copies")
+    build.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                       help="read and embed on a Ray cluster (Ray Data; pip install 'medsim[scale]'), after SOURCE: "
+                       "ADDRESS is auto (the cluster this machine belongs to), ray://HOST:10001 or the head's "
+                       "HOST:PORT; without ADDRESS a Ray for this run starts on this machine (127.0.0.1 only). "
+                       "A folder SOURCE must be mounted at the same path on every node; --workers is not used. "
+                       "See docs/scaling.md")
     build.set_defaults(func=cmd_build_index)
 
     query = sub.add_parser("query", help="find the most similar cases of other patients for an image file",
@@ -214,9 +220,14 @@ def cmd_build_index(args) -> int:
     policy = ChestPolicy(any_body_part=args.any_body_part, any_modality=args.any_modality,
                          max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
     print(f"model: {bundle.name} ({bundle.fingerprint}); index: {args.index}", file=sys.stderr)
+    executor = None
+    if args.ray is not None:
+        from medsim.build_ray import RayExecutor
+
+        executor = RayExecutor(args.ray)
     report = build_index(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
                          batch_size=args.batch_size, progress=not args.no_progress,
-                         skip_duplicates=args.skip_duplicates)
+                         skip_duplicates=args.skip_duplicates, executor=executor)
     for line in report.summary_lines():
         print(line)
     if args.report:
