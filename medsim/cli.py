@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     _add_duplicates_command(sub)
+    _add_feedback_command(sub)
 
     serve = sub.add_parser("serve", help="run the similar-case API (waitress) over an index, fed by a PACS",
                            description="Serve /api/v1 (similar, cases, index) and /healthz over INDEX; non-indexed "
@@ -407,6 +408,32 @@ def cmd_info(args) -> int:
     print(f"labels ({len(stats['labels'])}):")
     for label, n in stats["labels"].items():
         print(f"  {label:<32} {n}")
+    return 0
+
+
+def _add_feedback_command(sub) -> None:
+    feedback = sub.add_parser("feedback", help="relevance votes (thumbs up/down) given in the viewer: export them",
+                              description="The votes the viewer's panel stored in an index (POST /api/v1/feedback).")
+    actions = feedback.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="write the votes as CSV (for `medsim train --feedback`)",
+                                description="Write every current vote as CSV: voted_at (UTC), user (client name), "
+                                "query_sop_uid, hit_sop_uid, vote (up/down), score, model_fingerprint. No patient "
+                                "data: UIDs and client names only.")
+    export.add_argument("index", type=Path, metavar="INDEX", help="index directory")
+    export.add_argument("--out", type=Path, required=True, help="CSV file to write")
+    export.set_defaults(func=cmd_feedback_export)
+
+
+def cmd_feedback_export(args) -> int:
+    from medsim.feedback import FeedbackStore, write_csv
+    from medsim.index import CaseIndex
+
+    CaseIndex.open(args.index).close()  # a medsim index, undamaged (one line otherwise)
+    votes = FeedbackStore(args.index).votes()
+    count = write_csv(votes, args.out)
+    queries = {v.query_sop_uid for v in votes}
+    up = sum(v.vote > 0 for v in votes)
+    print(f"wrote {count} votes ({up} up, {count - up} down) on the hits of {len(queries)} queries to {args.out}")
     return 0
 
 
