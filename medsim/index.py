@@ -767,12 +767,12 @@ class CaseIndex:
         if not case_filter:
             return store.knn(vector, k, excluded=excluded)
         allowed, members = self.filter_ids(case_filter)  # cached per filter until the catalog changes
-        vectors = self.filter_vectors(case_filter)
-        if within is not None:  # keep the snapshot's cases only
-            keep = np.isin(allowed, within, assume_unique=True)
-            if not keep.all():
-                allowed = allowed[keep]
-                members, vectors = frozenset(allowed.tolist()), None
+        keep = np.isin(allowed, within, assume_unique=True) if within is not None else None
+        if keep is not None and not keep.all():  # keep the snapshot's cases only (the store holds no others)
+            allowed = allowed[keep]
+            members, vectors = frozenset(allowed.tolist()), None
+        else:
+            vectors = self.filter_vectors(case_filter)
         return store.knn(vector, k, allowed=allowed, members=members, allowed_vectors=vectors, excluded=excluded)
 
     @_catalog_access
