@@ -37,8 +37,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 # GET /api/v1/openapi.yaml has no inputs (its answer is checked in test_server.py); getIndex and healthz have none
 # to make invalid either, so they are fuzzed with valid requests only.
-OPERATIONS = ("similar", "getCase", "getThumbnail", "getIndex", "healthz")
-WITH_INPUTS = ("similar", "getCase", "getThumbnail")
+OPERATIONS = ("similar", "getCase", "getThumbnail", "getIndex", "explain", "cohort", "healthz")
+WITH_INPUTS = ("similar", "getCase", "getThumbnail", "explain", "cohort")
 TOKEN = "fuzz-token-0123456789abcdef"  # the server has tokens, as beyond loopback; every request sends this one
 
 
