@@ -17,7 +17,16 @@ build's own wall time (from opening the index to the last commit, model load and
 The vectors the cxr build wrote are also scored (mAP@10 on the dev set, cosine to the fp32 reference of
 benchmark 2): that is the quality check of the default mode, on the production code path.
 
-    python -m benchmarks.bench_build [--quick] [--limit N] [--mode channels_last]
+Decode-only: one worker's work (medsim.build.process_file) on 240 of the source's files in one process; with
+embed-only it gives the shared-core bound 1 / (1/embed + 1/decode) (:func:`shared_core_bound`), what a build can
+reach when both are CPU-bound on the same cores.
+
+The int8 default needs a trained bundle (``make model``); without one, a bundle trained by the tests can stand in for
+timing (same network, so the same speed): ``MEDSIM_HOME=DIR`` with ``DIR/bundles/default`` holding it, and
+``--no-score`` (its quality says nothing).
+
+    python -m benchmarks.bench_build [--quick] [--limit N] [--mode channels_last] [--no-score]
+    python -m benchmarks.bench_build --realistic [--files-per-syntax N] [--also-workers 2]
 """
 
 from __future__ import annotations
@@ -52,12 +61,12 @@ bundle = resolve_bundle(None)  # the default bundle, as build-index uses it
 embedder = bundle.embedder(batch_size=16)
 images = [prepare(read_any(p).pixels, bundle.preprocess) for p in paths]
 embedder.embed_prepared(images[:16])  # warm-up (oneDNN primitive creation)
-t = time.perf_counter()
+t, cpu = time.perf_counter(), time.process_time()
 for _ in range(reps):
     embedder.embed_prepared(images)
-seconds = time.perf_counter() - t
+seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
 print(json.dumps({"images": reps * len(images), "seconds": seconds, "images_per_s": reps * len(images) / seconds,
-                  "mode": embedder.describe()}))
+                  "cpu_seconds_per_image": cpu / (reps * len(images)), "mode": embedder.describe()}))
 """
 
 
@@ -68,6 +77,7 @@ logging.getLogger("medsim.model").setLevel(logging.ERROR)
 from medsim import build as B
 from medsim.model import resolve_bundle
 source, index = sys.argv[1], sys.argv[2]
+workers = int(sys.argv[3]) if sys.argv[3] != "default" else None
 stamps = []
 flush = B.IndexWriter.flush
 def timed_flush(self):
@@ -76,15 +86,17 @@ def timed_flush(self):
 B.IndexWriter.flush = timed_flush
 started = time.perf_counter()
 bundle = resolve_bundle(None)
-report = B.build_index(source, index, bundle, progress=False)
+report = B.build_index(source, index, bundle, progress=False, workers=workers)
 wall = time.perf_counter() - started
+# steady: from the second committed batch on. At the first commit up to 2 x workers + 2 chunks may already be
+# decoded (workers start before the model loads); by the second they are consumed, so the rate is the pipeline's
 steady = None
-if len(stamps) >= 3 and stamps[-1][0] > stamps[0][0]:
-    steady = (stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
+if len(stamps) >= 3 and stamps[-1][0] > stamps[1][0]:
+    steady = (stamps[-1][1] - stamps[1][1]) / (stamps[-1][0] - stamps[1][0])
 print(json.dumps({"indexed": report.indexed, "failed": dict(report.failed), "skipped": dict(report.skipped),
                   "seconds": report.seconds, "wall": wall, "images_per_s": report.images_per_second,
                   "steady_images_per_s": steady, "first_batch_s": stamps[0][0] - started if stamps else None,
-                  "mode": report.embed_mode, "workers": B.default_workers(),
+                  "mode": report.embed_mode, "workers": B.default_workers() if workers is None else workers,
                   "peak_rss_main_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "peak_rss_worker_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
@@ -100,11 +112,12 @@ B._init_worker()  # as a build-index worker: one torch thread, no MONAI metadata
 paths = json.loads(sys.argv[1])
 spec = resolve_bundle(None).preprocess
 B.process_file(paths[0], "/", ChestPolicy(), spec)  # warm: imports, decoders
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 for p in paths:
     B.process_file(p, "/", ChestPolicy(), spec)
-seconds = time.perf_counter() - started
-print(json.dumps({"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds}))
+seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+print(json.dumps({"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
+                  "cpu_seconds_per_image": cpu / len(paths)}))
 """
 
 
@@ -129,13 +142,15 @@ print(json.dumps({"rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-def build_in_process(source: Path, index: Path) -> dict:
-    """build_index in a fresh process with the default bundle, mode and workers; with the throughput after the first
-    committed batch (steady state: start-up excluded) and the peak RSS of the main process and of the workers."""
+def build_in_process(source: Path, index: Path, workers: int | None = None) -> dict:
+    """build_index in a fresh process with the default bundle and mode, and the default workers unless given; with the
+    throughput after the first committed batch (steady state: start-up excluded) and the peak RSS of the main process
+    and of the workers."""
     if index.exists():
         shutil.rmtree(index)
     load_before = load_average()
-    result = subprocess.run([sys.executable, "-c", BUILD_IN_PROCESS, str(source), str(index)], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", BUILD_IN_PROCESS, str(source), str(index),
+                             "default" if workers is None else str(workers)], capture_output=True,
                             text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if result.returncode != 0:
         raise RuntimeError(f"build failed: {result.stderr[-2000:]}")
@@ -144,12 +159,39 @@ def build_in_process(source: Path, index: Path) -> dict:
     return out
 
 
+# Decoding may add at most this many bytes per pixel (Rows x Columns) of the largest image to a worker's RSS
+# (docs/performance.md): the codec's output, masked and float32 copies, block sums, the LUTs in float64 on the reduced
+# image, preprocessing, and the codec libraries loaded on first use.
+MEMORY_BYTES_PER_PIXEL = 24
+
+
+def memory_check(builds: dict, worker_baseline: int) -> dict:
+    """Per syntax: a worker's peak RSS above its imports against MEMORY_BYTES_PER_PIXEL x the largest image's pixels."""
+    per = {syntax: {"decoding_bytes": r["peak_rss_worker_bytes"] - worker_baseline,
+                    "allowed_bytes": int(MEMORY_BYTES_PER_PIXEL * r["largest_megapixels"] * 1e6)}
+           for syntax, r in builds.items()}
+    for entry in per.values():
+        entry["ok"] = entry["decoding_bytes"] <= entry["allowed_bytes"]
+    return {"bytes_per_pixel": MEMORY_BYTES_PER_PIXEL, "per_syntax": per, "ok": all(e["ok"] for e in per.values()),
+            "statement": "peak RSS of a build <= main process (imports, model, index) + workers x (worker imports + "
+                         f"{MEMORY_BYTES_PER_PIXEL} bytes x the pixels of the largest image)"}
+
+
+def shared_core_bound(embed: float, decode: float) -> float:
+    """What a build can reach when embedding (``embed`` images/s alone, on every core) and one worker's decoding
+    (``decode`` images/s alone) are both CPU-bound on the same cores: the worker's seconds are taken from the
+    embedder (its threads wait for each other at every layer, so a core lost to the worker stalls both), so each
+    image costs 1/e + 1/d seconds. Reaching 90 % of min(e, d) needs one side >= 9 x the other."""
+    return 1.0 / (1.0 / embed + 1.0 / decode)
+
+
 def worker_baseline_rss() -> int:
     result = subprocess.run([sys.executable, "-c", WORKER_BASELINE], capture_output=True, text=True, cwd=ROOT)
     return json.loads(result.stdout.strip().splitlines()[-1])["rss_bytes"] if result.returncode == 0 else 0
 
 
-def run_realistic(quick: bool = False, syntaxes: list[str] | None = None, files_per_syntax: int | None = None) -> dict:
+def run_realistic(quick: bool = False, syntaxes: list[str] | None = None, files_per_syntax: int | None = None,
+                  extra_workers: tuple[int, ...] = ()) -> dict:
     """Issue 14: build-index per transfer syntax of the realistic export (benchmarks/realistic_export.py), against
     embed-only (the same embedder on prepared tensors) and decode-only (one worker's process_file on the same files,
     measured just before the build); plus the peak memory of the build."""
@@ -171,7 +213,9 @@ def run_realistic(quick: bool = False, syntaxes: list[str] | None = None, files_
     per_syntax = files_per_syntax or (16 if quick else 10**6)
     results = {}
     for syntax in syntaxes or REALISTIC_ORDER:
-        members = [r for r in rows if r["syntax"] == syntax][:per_syntax]
+        # the largest files of the syntax: the worst case for decoding and for memory (the check below)
+        members = sorted((r for r in rows if r["syntax"] == syntax), key=lambda r: -r["rows"] * r["columns"])
+        members = members[:per_syntax]
         folder = WORK / "realistic-by-syntax" / syntax
         if folder.exists():
             shutil.rmtree(folder)
@@ -184,12 +228,25 @@ def run_realistic(quick: bool = False, syntaxes: list[str] | None = None, files_
         before = embed_only(sample, 1)
         say(f"  {before['images_per_s']:.2f} images/s; build-index {syntax} ({len(members)} files)")
         built = build_in_process(folder, WORK / f"index-realistic-{syntax}")
+        others = {}
+        for count in extra_workers:  # the same files with more decoding workers, still between the embed-only runs
+            say(f"  build-index {syntax} with {count} workers")
+            other = build_in_process(folder, WORK / f"index-realistic-{syntax}-w{count}", workers=count)
+            others[str(count)] = {k: other[k] for k in ("indexed", "images_per_s", "steady_images_per_s",
+                                                        "peak_rss_main_bytes", "peak_rss_worker_bytes",
+                                                        "load_average_before", "load_average_after")}
         after = embed_only(sample, 1)
         embed = (before["images_per_s"] + after["images_per_s"]) / 2
         decode_rate_now = round(decoded["images_per_s"], 3)  # same minutes, same load as the build
         bound = min(embed, decode_rate_now)
+        shared = shared_core_bound(embed, decoded["images_per_s"])
         steady = built["steady_images_per_s"] or built["images_per_s"]
+        for other in others.values():
+            other["ratio_steady_to_embed_only"] = round((other["steady_images_per_s"] or other["images_per_s"]) / embed,
+                                                        3)
         entry = {**built, "files": len(members), "embed_only_images_per_s": round(embed, 3),
+                 "shared_core_bound_images_per_s": round(shared, 3),
+                 "ratio_steady_to_shared_core_bound": round(steady / shared, 3), "with_workers": others,
                  "decode_only": decoded, "decode_only_single_thread_bench": decode_rate.get(syntax),
                  "decode_only_images_per_s": decode_rate_now, "embed_only_before": before, "embed_only_after": after,
                  "ratio_to_embed_only": round(built["images_per_s"] / embed, 3),
@@ -198,18 +255,23 @@ def run_realistic(quick: bool = False, syntaxes: list[str] | None = None, files_
                  "largest_megapixels": max(r["rows"] * r["columns"] for r in members) / 1e6}
         results[syntax] = entry
         say(f"  {syntax}: {built['indexed']} images, {built['images_per_s']:.2f} images/s whole run, steady "
-            f"{steady:.2f}; embed-only {embed:.2f}, decode-only {decode_rate_now}; peak RSS main "
+            f"{steady:.2f}; embed-only {embed:.2f}, decode-only {decode_rate_now}, shared-core bound {shared:.2f}; "
+            + "".join(f"{n} workers: steady {o['steady_images_per_s'] or o['images_per_s']:.2f}; "
+                      for n, o in others.items()) + f"peak RSS main "
             f"{built['peak_rss_main_bytes'] / 2**20:.0f} MiB, worker {built['peak_rss_worker_bytes'] / 2**20:.0f} MiB")
     largest = max(rows, key=lambda r: r["rows"] * r["columns"])
+    baseline = worker_baseline_rss()
     return {"machine": machine(), "load_average_before": load_before, "load_average_after": load_average(),
             "export": {k: v for k, v in info.items() if k != "rows"}, "builds": results,
-            "worker_baseline_rss_bytes": worker_baseline_rss(),
+            "worker_baseline_rss_bytes": baseline,
+            "memory_check": memory_check(results, baseline),
             "largest_image": {"rows": largest["rows"], "columns": largest["columns"],
                               "stored_bytes": largest["rows"] * largest["columns"] * 2},
             "settings": {"quick": quick, "files_per_syntax": per_syntax,
                          "method": "medsim.build.build_index in a fresh process (default bundle, mode, workers, "
                                    "batch 16); images/s = indexed / the build's wall time; steady = images committed "
-                                   "after the first batch / the time since it (start-up excluded)"}}
+                                   "after the second batch / the time since it (start-up and the images decoded "
+                                   "during it excluded)"}}
 
 
 # ---- the DICOM export ----------------------------------------------------------------------------------------------
@@ -422,6 +484,10 @@ def run(quick: bool = False, limit: int | None = None, embed_images: int | None 
     sources = {"cxr": (source_cxr, labels_cxr), "cxr-dicom": (export_dir, export_dir / "labels.csv")}
     results = {}
     for name, (source, labels) in sources.items():
+        with open(labels, newline="") as fh:
+            files = [str(source / r["path"]) for r in csv.DictReader(fh)]
+        say(f"decode-only ({name})")
+        decoded = decode_only(files[::max(1, len(files) // 240)][:240])
         say(f"embed-only (before {name})")
         before = embed_only(sample, reps)
         say(f"  {before['images_per_s']:.3f} images/s; build-index {name}")
@@ -430,9 +496,13 @@ def run(quick: bool = False, limit: int | None = None, embed_images: int | None 
         after = embed_only(sample, reps)
         say(f"embed-only (after {name}) {after['images_per_s']:.3f} images/s")
         reference = (before["images_per_s"] + after["images_per_s"]) / 2
+        shared = shared_core_bound(reference, decoded["images_per_s"])
         results[name] = {**built, "embed_only_before": before, "embed_only_after": after,
-                         "embed_only_images_per_s": round(reference, 3),
-                         "ratio_end_to_end_to_embed_only": round(built["images_per_s"] / reference, 3)}
+                         "embed_only_images_per_s": round(reference, 3), "decode_only": decoded,
+                         "decode_only_images_per_s": round(decoded["images_per_s"], 3),
+                         "shared_core_bound_images_per_s": round(shared, 3),
+                         "ratio_end_to_end_to_embed_only": round(built["images_per_s"] / reference, 3),
+                         "ratio_end_to_end_to_shared_core_bound": round(built["images_per_s"] / shared, 3)}
     quality = None
     if score:
         say("scoring the vectors of the cxr build (default mode)")
@@ -450,7 +520,11 @@ def main(argv=None) -> int:
     parser.add_argument("--realistic", action="store_true", help="issue 14: per syntax of the full-resolution "
                         "export; writes results/realistic_build.json")
     parser.add_argument("--syntax", action="append", help="realistic: only this syntax (repeatable)")
-    parser.add_argument("--files-per-syntax", type=int, help="realistic: only the first N files of each syntax")
+    parser.add_argument("--files-per-syntax", type=int, help="realistic: only the N largest files of each syntax")
+    parser.add_argument("--also-workers", type=int, action="append", default=[],
+                        help="realistic: also build each syntax with this many decoding workers (repeatable)")
+    parser.add_argument("--no-score", action="store_true", help="skip scoring the cxr build's vectors (e.g. when "
+                        "the default bundle is a stand-in for timing only)")
     parser.add_argument("--mode", help="embedding mode for build-index and embed-only (MEDSIM_EMBED_MODE); writes "
                         "results/build_MODE.json, shown beside the default mode's results")
     args = parser.parse_args(argv)
@@ -458,10 +532,11 @@ def main(argv=None) -> int:
         os.environ["MEDSIM_EMBED_MODE"] = args.mode
     if args.realistic:
         path = write_result("realistic_build" + (f"_{args.mode}" if args.mode else ""),
-                            run_realistic(args.quick, args.syntax, args.files_per_syntax))
+                            run_realistic(args.quick, args.syntax, args.files_per_syntax,
+                                          tuple(args.also_workers)))
         say(f"wrote {path}")
         return 0
-    path = write_result(f"build_{args.mode}" if args.mode else "build", run(args.quick, args.limit, score=not args.mode))
+    path = write_result(f"build_{args.mode}" if args.mode else "build", run(args.quick, args.limit, score=not (args.mode or args.no_score)))
     say(f"wrote {path}")
     return 0
 
