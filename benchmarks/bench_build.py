@@ -169,7 +169,7 @@ def memory_check(builds: dict, worker_baseline: int) -> dict:
     """Per syntax: a worker's peak RSS above its imports against MEMORY_BYTES_PER_PIXEL x the largest image's pixels."""
     per = {syntax: {"decoding_bytes": r["peak_rss_worker_bytes"] - worker_baseline,
                     "allowed_bytes": int(MEMORY_BYTES_PER_PIXEL * r["largest_megapixels"] * 1e6)}
-           for syntax, r in builds.items()}
+           for syntax, r in builds.items() if r.get("largest_megapixels")}
     for entry in per.values():
         entry["ok"] = entry["decoding_bytes"] <= entry["allowed_bytes"]
     return {"bytes_per_pixel": MEMORY_BYTES_PER_PIXEL, "per_syntax": per, "ok": all(e["ok"] for e in per.values()),

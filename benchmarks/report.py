@@ -587,10 +587,10 @@ def section_realistic(decode: dict | None, build: dict | None) -> list[str]:
                 "the codec's output, masked and float32 copies, the block sums, the LUTs in float64 on the reduced "
                 "image, preprocessing, codec libraries loaded on first use); the main process (model, index) peaked "
                 f"at {main / 2**20:.0f} MiB.", ""]
-        if build.get("worker_baseline_rss_bytes"):
-            from benchmarks.bench_build import memory_check
+        from benchmarks.bench_build import memory_check
 
-            check = memory_check(build["builds"], build["worker_baseline_rss_bytes"])
+        check = memory_check(build["builds"], base) if base else None
+        if check and check["per_syntax"]:
             out += [f"Memory check (the builds ran on each syntax's largest files): {check['statement']}: "
                     + ("**holds** for every syntax (" if check["ok"] else "**fails** for at least one syntax (")
                     + ", ".join(f"{REALISTIC_NAMES.get(k, k)} {v['decoding_bytes'] / 2**20:.0f} of "
