@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
                        "HOST:PORT; without ADDRESS a Ray for this run starts on this machine (127.0.0.1 only). "
                        "A folder SOURCE must be mounted at the same path on every node; --workers is not used. "
                        "See docs/scaling.md")
+    build.add_argument("--vector-store", metavar="URL", help="where a new index keeps its vectors: hnswlib (default, "
+                       "vectors.hnsw in the index), milvus://HOST:PORT/COLLECTION (a Milvus server), or a milvus-lite "
+                       "file PATH.db / milvus-lite://PATH.db#COLLECTION; recorded in the index, which every command "
+                       "then uses (an existing index keeps its store: see `medsim rebuild-store`)")
     build.set_defaults(func=cmd_build_index)
 
     query = sub.add_parser("query", help="find the most similar cases of other patients for an image file",
@@ -120,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     _add_duplicates_command(sub)
+    _add_rebuild_store_command(sub)
     _add_feedback_command(sub)
 
     serve = sub.add_parser("serve", help="run the similar-case API (waitress) over an index, fed by a PACS",
@@ -226,6 +231,12 @@ def cmd_build_index(args) -> int:
         from medsim.build_ray import RayExecutor
 
         executor = RayExecutor(args.ray)
+    if args.vector_store:  # create the index with that store (or check an existing one uses it); the build opens it
+        from medsim.index import CaseIndex
+
+        CaseIndex.open_or_create(args.index, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
+                                 dim=bundle.embedding_dim, model_path=str(bundle.path),
+                                 vector_store=args.vector_store).close()
     report = build_index(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
                          batch_size=args.batch_size, progress=not args.no_progress,
                          skip_duplicates=args.skip_duplicates, executor=executor)
@@ -401,6 +412,7 @@ def cmd_info(args) -> int:
     print(f"updated:      {time.strftime(fmt, time.localtime(stats['updated_at']))}")
     print(f"hnsw:         M={stats['hnsw']['M']} ef_construction={stats['hnsw']['ef_construction']} "
           f"ef={stats['hnsw']['ef']}")
+    print(f"vectors:      {stats['vector_store']}")
     files = ", ".join(f"{k}: {v}" for k, v in sorted(stats["files"].items())) or "-"
     print(f"files seen:   {files}")
     for reason, n in sorted(stats["not_indexed"].items()):
@@ -408,6 +420,30 @@ def cmd_info(args) -> int:
     print(f"labels ({len(stats['labels'])}):")
     for label, n in stats["labels"].items():
         print(f"  {label:<32} {n}")
+    return 0
+
+
+def _add_rebuild_store_command(sub) -> None:
+    rebuild = sub.add_parser(
+        "rebuild-store", help="rebuild an index's vector store (hnswlib graph or Milvus collection) from its catalog",
+        description="Write every vector of the catalog (the source of truth) into a new vector store: the index's own "
+        "(repairs a damaged or out-of-date one), or the one given by --vector-store, which the index uses from then "
+        "on. A Milvus collection of that name is replaced. The index changes stores only once the new one is "
+        "complete.")
+    rebuild.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
+    rebuild.add_argument("--vector-store", metavar="URL", help="hnswlib, milvus://HOST:PORT/COLLECTION, PATH.db or "
+                         "milvus-lite://PATH.db#COLLECTION (default: the index's current store)")
+    rebuild.set_defaults(func=cmd_rebuild_store)
+
+
+def cmd_rebuild_store(args) -> int:
+    from medsim.index import CaseIndex
+
+    started = time.perf_counter()
+    with CaseIndex.open(args.index, writable=True) as index:
+        count = index.rebuild_store(args.vector_store)
+        where = index.store_url()
+    print(f"wrote {count} vectors to {where} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
