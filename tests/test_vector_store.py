@@ -356,6 +356,28 @@ def test_server_process_same_results(tmp_path, milvus_server, lite, synthetic, s
     assert np.mean(overlaps) >= 0.95
 
 
+@pytest.mark.milvus
+def test_build_index_into_a_milvus_server(tmp_path, milvus_server, sample_index):
+    """`medsim build-index --vector-store milvus://…` on the sample export: the catalog as the hnswlib build's, every
+    query's hits the same; a re-run adds nothing and keeps the store; `query` works unchanged."""
+    from conftest import SAMPLE_DIR
+    from medsim.cli import main
+
+    path = tmp_path / "built"
+    args = ["build-index", str(SAMPLE_DIR), "--index", str(path), "--labels", str(SAMPLE_DIR / "labels.csv"),
+            "--model", "imagenet", "--workers", "1", "--batch-size", "4", "--no-progress", "--vector-store", f"{milvus_server}/built"]
+    assert main(args) == 0
+    assert main(args[:-2]) == 0  # a re-run without the flag uses the recorded store
+    with CaseIndex.open(path) as milvus, CaseIndex.open(sample_index[0]) as hnsw:
+        assert str(milvus.store_url()) == f"{milvus_server}/built" and milvus.store().count() == len(hnsw)
+        for case in hnsw.cases():
+            args = dict(k=K, exclude_patient=case.patient_id, exclude_sop_uid=case.sop_uid)
+            want = [h.case.sop_uid for h in hnsw.search(hnsw.vector(case.sop_uid), **args)]
+            assert [h.case.sop_uid for h in milvus.search(milvus.vector(case.sop_uid), **args)] == want
+        first = hnsw.cases()[0]
+    assert main(["query", first.source_path, "--index", str(path), "-k", "3"]) == 0
+
+
 @pytest.fixture(scope="module")
 def served_milvus_index(milvus_server, pacs, tmp_path_factory):
     """The serve tests' index (built from Orthanc over DICOMweb, calibrated) with its vectors in the Milvus server;
