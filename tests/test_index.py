@@ -294,3 +294,25 @@ def test_short_vector_or_wrong_dimension_is_index_format_error(tmp_path):
     db.close()
     with CaseIndex.open(path) as index, pytest.raises(IndexFormatError, match="8 dimensions need 32"):
         index.vectors()
+
+
+def test_a_reused_case_id_is_searchable_after_a_graph_marked_it_deleted(tmp_path):
+    """SQLite gives a new case the id of a removed case that held the largest id. A graph saved with that id marked
+    deleted (hnswlib keeps the label) must not hide the new case: a later open adds it back from the catalog."""
+    vectors = _vectors(11)
+    with _new(tmp_path / "idx") as index:
+        index.add(_cases(10, ["p1", "p2"]), vectors[:10], "fp-a")
+        removed_id = index.get("1.2.3.9").id
+        assert index.remove_studies(["1.2.5.9"]) == 1
+    db = sqlite3.connect(tmp_path / "idx" / CATALOG)  # the new case committed without a graph save (killed build)
+    with db:
+        row = db.execute("SELECT * FROM cases WHERE sop_uid='1.2.3.0'").fetchone()
+        db.execute("INSERT INTO cases (sop_uid, series_uid, study_uid, patient_id, source_path, added_at, vector) "
+                   "VALUES ('9.9', '9.8', '9.7', 'p9', '/new.dcm', 0, ?)", (vectors[10].tobytes(),))
+        new_id = db.execute("SELECT id FROM cases WHERE sop_uid='9.9'").fetchone()[0]
+    db.close()
+    assert row is not None and new_id == removed_id
+    with CaseIndex.open(tmp_path / "idx") as index:
+        hits = index.search(vectors[10], k=3)
+        assert hits[0].case.sop_uid == "9.9" and hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert index.store().count() == len(index) == 10
