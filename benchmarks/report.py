@@ -296,7 +296,9 @@ def section_build(build: dict | None, others: list[dict] | None = None) -> list[
     q = build.get("default_mode_quality")
     if q and q.get("bundle_int8_check"):
         c, b = q["bundle_int8_check"], q.get("bundle", {})
-        out += [f"Quality of the default mode: the build used the trained bundle `{b.get('name')}` "
+        when = (f" (from the run of {q['measured_at'][:10]}; this run's bundle, a stand-in for timing, was not scored)"
+                if q.get("measured_at") else "")
+        out += [f"Quality of the default mode{when}: the build used the trained bundle `{b.get('name')}` "
                 f"({b.get('fingerprint')}), whose own check (written by `medsim train`, on its "
                 f"{c['validation_images']} validation images, which it never trained on) gives mAP@10 "
                 f"**{c['mAP@10_int8']:.4f}** in int8 against {c['mAP@10_fp32']:.4f} in float32 (Δ "
