@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import pickle
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,7 @@ ACTOR_MEMORY_BYTES = 2 * 2**30
 # Object store of a Ray that medsim starts itself (no ADDRESS): the pipeline keeps a few batches of 224 px tensors
 # (~0.6 MB per image) in flight; Ray's default would take 30 % of the RAM.
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+CONNECT_TIMEOUT_SECONDS = 5.0
 # Ray's single-machine mode (its default on macOS and Windows): every Ray process of this machine binds 127.0.0.1
 # instead of every interface and advertising the machine's public address. Ray reads it when it is imported (into
 # ray._private.ray_constants.ENABLE_RAY_CLUSTER): the processes it starts inherit the variable, and this process's
@@ -60,6 +62,7 @@ class RayExecutor:
     embedding batch size)."""
 
     def __init__(self, address: str | None = None, actors: int | None = None, items_per_task: int | None = None):
+        _check_reachable(address)  # before an index is created for nothing (Ray itself retries for minutes)
         self.address, self.actors, self.items_per_task = address, actors, items_per_task
 
     def embedder(self, bundle, batch_size: int):
@@ -83,6 +86,7 @@ class RayExecutor:
         import ray.data
 
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # no per-run execution plans on the console
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the writer's bar is the one progress bar
         context.execution_options.preserve_order = False
@@ -160,6 +164,19 @@ def _connect(address: str | None) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise RayError(f"cannot start or reach Ray ({'local' if local else address}): {short(str(exc))}") from None
     return True
+
+
+def _check_reachable(address: str | None) -> None:
+    """An explicit HOST:PORT or ray://HOST:PORT must accept a TCP connection within a few seconds."""
+    if address in (None, "", "local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_SECONDS).close()
+    except ValueError:
+        raise RayError(f"--ray {address}: use auto, ray://HOST:PORT or HOST:PORT") from None
+    except OSError as exc:
+        raise RayError(f"the Ray cluster at {address} is unreachable: {exc.strerror or exc}") from None
 
 
 def _bundle_files(folder: Path) -> dict[str, bytes]:

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -76,6 +77,16 @@ def test_a_ray_started_for_the_run_listens_on_loopback_only():
     finally:
         ray.shutdown()
     assert addresses and addresses <= {"127.0.0.1"}, addresses
+
+
+def test_an_unreachable_cluster_is_one_line_and_no_index(tmp_path, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["build-index", str(SAMPLE_DIR), "--index", str(tmp_path / "idx"), "--model", "imagenet",
+                 "--no-progress", "--ray", f"127.0.0.1:{port}"]) == 2
+    assert f"the Ray cluster at 127.0.0.1:{port} is unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "idx").exists()
 
 
 def test_cluster_build_equals_the_local_build(ray_cluster, export, local_fp32, tmp_path, monkeypatch, capsys):
