@@ -9,7 +9,7 @@ costs (docs/scaling.md prints this table; it regenerates from benchmarks/results
   GPU g      images per second of one GPU (embed_gpu.json, bf16, batch 16, H100)
   bytes b    bytes per stored image of that export (its size / its files): what storage must deliver, N b / T
   Ray r      the Ray path's throughput relative to the local build on the same machine (ray_build.json, steady
-             state; 1.0 when not measured, and at most 1.0: on the busy 2-core machine it measured above 1,
+             state; 1.0 when not measured, and at most 1.0: on the busy 2-core machine it measured above 1 under load,
              which says more about thread counts under load than about Ray): the cluster's cores are divided by it
 
   CPU only:  cores = N (d + e) / (T r)
