@@ -644,6 +644,8 @@ def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes
     lines += section_service(service) + section_realistic(decode_realistic, build_realistic) + section_gpu(gpu)
     lines += __import__("benchmarks.bench_watch", fromlist=["section_watch"]).section_watch(results)  # issue 16
     lines += __import__("benchmarks.bench_ray", fromlist=["section_ray"]).section_ray(results)  # issue 17
+    lines += __import__("benchmarks.bench_vector_store", fromlist=["section_vector_store"]).section_vector_store(
+        results)  # issue 17
     lines += ["## Reproduce", "",
               "    pip install -e '.[bench]'                 # faiss-cpu and matplotlib",
               "    python -m benchmarks --quick              # small sizes, a few minutes (CI-style check)",
