@@ -93,18 +93,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def orthanc_config(storage: str | Path, http_port: int, dicom_port: int, plugin: str, name: str = "medsim",
+def orthanc_config(storage: str | Path, http_port: int, dicom_port: int | None, plugin: str, name: str = "medsim",
                    aet: str = "MEDSIM") -> dict:
-    """An Orthanc configuration for a private, loopback-only PACS with DICOMweb."""
+    """An Orthanc configuration for a private PACS with DICOMweb that only loopback clients may use.
+
+    Orthanc 1.10 listens on every interface and cannot be told otherwise: ``RemoteAccessAllowed: false`` makes its
+    HTTP server refuse every client but loopback, and its DICOM server (which medsim never needs: everything goes
+    over DICOMweb) runs only when ``dicom_port`` is given, e.g. for a modality that sends by C-STORE."""
     storage = str(Path(storage).resolve())
     return {
         "Name": name,
         "StorageDirectory": storage,
         "IndexDirectory": storage,
         "HttpPort": http_port,
-        "DicomPort": dicom_port,
+        "DicomServerEnabled": dicom_port is not None,
+        "DicomPort": dicom_port or 4242,
         "DicomAet": aet,
-        "RemoteAccessAllowed": False,  # binds HTTP to loopback only
+        "RemoteAccessAllowed": False,  # refuses non-loopback HTTP clients (it cannot bind loopback only)
         "AuthenticationEnabled": False,
         "DicomAlwaysAllowEcho": False,
         "DicomAlwaysAllowStore": False,
@@ -143,7 +148,7 @@ class LocalOrthanc:
             if plugin is None:
                 raise OrthancError("the Orthanc DICOMweb plugin is not installed (apt-get install -y "
                                    "orthanc-dicomweb); set MEDSIM_ORTHANC_DICOMWEB to its .so if it is elsewhere")
-            config = orthanc_config(self.storage / "db", http_port or free_port(), dicom_port or free_port(), plugin)
+            config = orthanc_config(self.storage / "db", http_port or free_port(), dicom_port, plugin)
         self.config = dict(config)
         self.http_port = int(self.config.get("HttpPort", 8042))
         self.log_path = Path(log_path) if log_path else self.storage / "orthanc.log"
@@ -230,13 +235,14 @@ class LocalOrthanc:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medsim.orthanc",
-                                     description="Run a loopback-only Orthanc with DICOMweb until interrupted.")
+                                     description="Run an Orthanc with DICOMweb for loopback clients until interrupted.")
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start Orthanc and wait (Ctrl-C stops it)")
     start.add_argument("--config", type=Path, help="an Orthanc JSON config to use as is")
     start.add_argument("--storage", type=Path, default=Path("var/orthanc"), help="storage folder (default: %(default)s)")
     start.add_argument("--http-port", type=int, default=8042)
-    start.add_argument("--dicom-port", type=int, default=4242)
+    start.add_argument("--dicom-port", type=int,
+                       help="also accept C-STORE on this port (off by default; Orthanc binds it on every interface)")
     start.add_argument("--upload", type=Path, help="STOW-RS every DICOM file under this folder once started")
     args = parser.parse_args(argv)
     pacs = LocalOrthanc(args.storage, http_port=args.http_port, dicom_port=args.dicom_port, config=args.config)

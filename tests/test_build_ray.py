@@ -69,11 +69,12 @@ def test_a_ray_started_for_the_run_listens_on_loopback_only():
     (First in the module: it needs this process not yet connected to the cluster below.)"""
     from medsim.build_ray import _connect
 
+    before = descendants(os.getpid())  # servers that earlier tests started (Orthanc, say) are not Ray's
     assert _connect(None)
     import ray
 
     try:
-        addresses = listening_addresses(descendants(os.getpid()) | {os.getpid()})
+        addresses = listening_addresses((descendants(os.getpid()) - before) | {os.getpid()})
     finally:
         ray.shutdown()
     assert addresses and addresses <= {"127.0.0.1"}, addresses
