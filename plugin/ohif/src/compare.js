@@ -123,10 +123,16 @@ export function indexToWorld({ origin, spacing, direction }, i, j) {
 
 // ---- OHIF ---------------------------------------------------------------------------------------------------------
 
-function waitFor(check, { timeoutMs = 30000, everyMs = 100 } = {}) {
+/** Polls `check` until it gives a value; gives up after `timeoutMs`, or as soon as `wanted()` is false (the
+ * comparison it serves has ended: no timer is left behind). */
+function waitFor(check, { timeoutMs = 30000, everyMs = 100, wanted = () => true } = {}) {
   return new Promise((resolve, reject) => {
     const started = Date.now();
     const poll = () => {
+      if (!wanted()) {
+        reject(new Error('no longer wanted'));
+        return;
+      }
       let value = null;
       try {
         value = check();
@@ -242,7 +248,8 @@ export function createCompare({ controller, services, extensionManager, hostElem
       const viewport = cornerstoneViewport(id);
       return viewport?.getImageData?.() ? viewport.getProperties?.()?.voiRange : null;
     };
-    return waitFor(() => viewportIds.every(voi))
+    const comparing = state.item;
+    return waitFor(() => viewportIds.every(voi), { wanted: () => state.item === comparing })
       .then(() => viewportIds.forEach(id => initialVoi.set(id, { ...voi(id) })))
       .catch(() => {}); // without both windows the sync carries nothing over
   }
@@ -324,7 +331,8 @@ export function createCompare({ controller, services, extensionManager, hostElem
       const url = explainUrl(controller.config.apiRoot, query, item.sopUid, { indexed, size: OVERLAY_SIZE });
       const found = await fetchJson(fetchImpl, url, { headers: headers(), timeoutMs: controller.config.timeoutMs });
       const viewportIds = [QUERY_VIEWPORT_ID, hitViewportId];
-      await waitFor(() => viewportIds.every(id => cornerstoneViewport(id)?.getImageData?.()));
+      await waitFor(() => viewportIds.every(id => cornerstoneViewport(id)?.getImageData?.()),
+        { wanted: () => overlays === mine });
       if (overlays !== mine) {
         return; // closed, toggled off or another hit meanwhile
       }
