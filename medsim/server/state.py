@@ -176,7 +176,12 @@ class Snapshot:
             return []
         with self.lock:
             within = None if self.index.state_key() == self.key else self.ids  # the catalog moved on: ours only
-            ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, within)
+            try:
+                ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, within)
+            except RuntimeError:  # hnswlib's "Label not found": a case committed between the check and the search
+                if within is not None or self.index.state_key() == self.key:
+                    raise
+                ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, self.ids)
         return hits(ids, distances, self.cases(ids))
 
     def close(self) -> None:
