@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -615,6 +616,13 @@ def merge_search(search: dict | None, extra: dict | None) -> dict | None:
     return merged
 
 
+def _section(name: str, results: Path) -> list[str]:
+    """The ``section_<name>`` of benchmarks/bench_<name>.py, imported only when the report is written (those modules
+    pull in what their benchmark runs)."""
+    module = importlib.import_module(f"benchmarks.bench_{name}")
+    return getattr(module, f"section_{name}")(results)
+
+
 def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes: str = "") -> Path:
     decode, embed, build = _load("decode", results), _load("embed", results), _load("build", results)
     search, service, gpu = _load("search", results), _load("service_clients", results), _load("embed_gpu", results)
@@ -640,12 +648,9 @@ def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes
         lines += [notes.strip(), ""]
     others = [_load(p.stem, results) for p in sorted(results.glob("build_*.json"))]
     lines += section_decode(decode) + section_embed(embed) + section_build(build, others) + section_search(search)
-    lines += __import__("benchmarks.bench_filters", fromlist=["section_filters"]).section_filters(results)  # issue 15
+    lines += _section("filters", results)  # issue 15
     lines += section_service(service) + section_realistic(decode_realistic, build_realistic) + section_gpu(gpu)
-    lines += __import__("benchmarks.bench_watch", fromlist=["section_watch"]).section_watch(results)  # issue 16
-    lines += __import__("benchmarks.bench_ray", fromlist=["section_ray"]).section_ray(results)  # issue 17
-    lines += __import__("benchmarks.bench_vector_store", fromlist=["section_vector_store"]).section_vector_store(
-        results)  # issue 17
+    lines += _section("watch", results) + _section("ray", results) + _section("vector_store", results)  # 16, 17
     lines += ["## Reproduce", "",
               "    pip install -e '.[bench]'                 # faiss-cpu and matplotlib",
               "    python -m benchmarks --quick              # small sizes, a few minutes (CI-style check)",
