@@ -702,18 +702,22 @@ class CaseIndex:
         cache[key] = found
         return found[1], found[2]
 
-    def filter_vectors(self, case_filter: "CaseFilter") -> np.ndarray | None:
-        """The graph's (normalised) vectors of :meth:`filter_ids`, row for row, for the exact scan of a selective
-        filter; cached with the ids (hnswlib's get_items costs ~50 us a vector). None for a filter that passes too
-        many cases to be scanned."""
-        ids, _ = self.filter_ids(case_filter)
+    def _searchable(self, store: HnswStore, case_filter: "CaseFilter"
+                    ) -> tuple[np.ndarray, frozenset, np.ndarray | None]:
+        """(sorted ids, the same as a set, their normalised vectors row for row or None when too many to scan) of the
+        cases that pass ``case_filter`` and that ``store`` holds: a read-only index's catalog may have committed cases
+        since its graph was loaded (a writer beside it), which the graph cannot return. Cached with
+        :meth:`filter_ids` and the store's changes (hnswlib's get_items costs ~50 us a vector)."""
+        ids, members = self.filter_ids(case_filter)
         where, params = case_filter.sql()
-        entry = self.__dict__["_filter_cache"].get((where, tuple(params)))
-        if entry is None or len(ids) > BRUTE_FORCE_MAX:
-            return None
-        if "vectors" not in entry[3]:
-            entry[3]["vectors"] = self._store().vectors(ids)
-        return entry[3]["vectors"]
+        extra = self.__dict__["_filter_cache"][(where, tuple(params))][3]
+        if extra.get("store") != (id(store), store.changes):
+            held = store.held(ids)
+            extra.clear()
+            extra.update(store=(id(store), store.changes), ids=held,
+                         members=members if len(held) == len(ids) else frozenset(held.tolist()),
+                         vectors=store.vectors(held) if len(held) <= BRUTE_FORCE_MAX else None)
+        return extra["ids"], extra["members"], extra["vectors"]
 
     @_catalog_access
     def excluded_ids(self, exclude_patient: str | None = None, exclude_sop_uid: str | None = None) -> frozenset:
@@ -749,9 +753,10 @@ class CaseIndex:
     def nearest(self, vector: np.ndarray, k: int, exclude_patient: str | None = None,
                 exclude_sop_uid: str | None = None, case_filter: "CaseFilter | None" = None,
                 within: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(case ids, cosine distances) of :meth:`search`. ``within``: the sorted ids a served snapshot holds, when
-        the catalog has committed other cases since it was loaded (only those may come back). hnswlib: the catalog
-        turns the filter into allowed ids (SQL); Milvus: the filter and the patient exclusion are its expression."""
+        """(case ids, cosine distances) of :meth:`search`, only ever of cases the vector store holds. ``within``: the
+        sorted ids a served snapshot holds (only those may come back: a Milvus collection shared with a writer may hold
+        newer cases; a read-only hnswlib graph holds no others). hnswlib: the catalog turns the filter into allowed ids
+        (SQL), restricted to those its graph holds; Milvus: the filter and the patient exclusion are its expression."""
         if k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         store = self._store()
@@ -766,13 +771,7 @@ class CaseIndex:
         excluded = self.excluded_ids(exclude_patient, exclude_sop_uid)
         if not case_filter:
             return store.knn(vector, k, excluded=excluded)
-        allowed, members = self.filter_ids(case_filter)  # cached per filter until the catalog changes
-        keep = np.isin(allowed, within, assume_unique=True) if within is not None else None
-        if keep is not None and not keep.all():  # keep the snapshot's cases only (the store holds no others)
-            allowed = allowed[keep]
-            members, vectors = frozenset(allowed.tolist()), None
-        else:
-            vectors = self.filter_vectors(case_filter)
+        allowed, members, vectors = self._searchable(store, case_filter)  # cached until the catalog or graph changes
         return store.knn(vector, k, allowed=allowed, members=members, allowed_vectors=vectors, excluded=excluded)
 
     @_catalog_access

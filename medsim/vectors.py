@@ -51,6 +51,12 @@ class VectorStore:
         """Sorted ids of the vectors held (not removed)."""
         raise NotImplementedError
 
+    def held(self, ids: np.ndarray) -> np.ndarray:
+        """Those of the sorted ``ids`` whose vectors this store holds: a search asks only for these (a reader's
+        catalog may commit cases after its store was loaded; a store cannot return a case it does not hold)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return ids[np.isin(ids, self.ids(), assume_unique=True)]
+
     def count(self) -> int:
         return int(len(self.ids()))
 
@@ -65,8 +71,8 @@ class VectorStore:
             allowed_vectors: np.ndarray | None = None, excluded: frozenset = frozenset(), case_filter=None,
             exclude_patient: str | None = None, max_id: int | None = None, share: float | None = None
             ) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, cosine distances) of the k nearest, best first, never an ``excluded`` id. ``allowed`` (sorted ids)
-        restricts the search to those; ``case_filter``/``exclude_patient``/``max_id`` (only where ``filters_inside``)
+        """(ids, cosine distances) of the k nearest, best first, never an ``excluded`` id. ``allowed`` (sorted ids,
+        each held: :meth:`held`) restricts the search to those; ``case_filter``/``exclude_patient``/``max_id`` (only where ``filters_inside``)
         restrict it inside the engine, ``share`` (the fraction of the index that passes the filter, when known)
         lets it search a selective filter more broadly. As many as match, up to k."""
         raise NotImplementedError
@@ -156,6 +162,8 @@ class HnswStore(VectorStore):
         self.M = M
         self.ef = int(ef)
         self._held = held  # labels of elements not marked deleted
+        self._sorted: np.ndarray | None = None  # the same, sorted (ids(), held()); None after a change
+        self.changes = 0  # counts add/remove calls: what CaseIndex caches of the held ids is keyed by it
 
     @classmethod
     def new(cls, folder: Path, dim: int, M: int, ef_construction: int, ef: int, capacity: int = 1024) -> "HnswStore":
@@ -181,7 +189,10 @@ class HnswStore(VectorStore):
         return cls(folder, graph, M, ef, held)
 
     def ids(self) -> np.ndarray:
-        return np.asarray(sorted(self._held), dtype=np.int64)
+        if self._sorted is None:
+            self._sorted = np.fromiter(sorted(self._held), dtype=np.int64, count=len(self._held))
+            self._sorted.flags.writeable = False
+        return self._sorted
 
     def count(self) -> int:
         return len(self._held)
@@ -195,6 +206,7 @@ class HnswStore(VectorStore):
             self.graph.resize_index(max(needed, 2 * self.graph.get_max_elements()))
         self.graph.add_items(np.asarray(vectors, dtype=np.float32), ids)
         self._held.update(ids.tolist())
+        self._sorted, self.changes = None, self.changes + 1
 
     def remove(self, ids) -> None:
         for case_id in ids:
@@ -203,6 +215,7 @@ class HnswStore(VectorStore):
             except RuntimeError:  # marked already (in a graph saved before), or never added
                 pass
             self._held.discard(int(case_id))
+        self._sorted, self.changes = None, self.changes + 1
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The stored (normalised) vectors of ``ids``."""
@@ -280,18 +293,19 @@ def filtered_knn(graph, query: np.ndarray, k: int, allowed: np.ndarray, ef: int,
         allowed = allowed[keep]
         allowed_vectors = allowed_vectors[keep] if allowed_vectors is not None else None
     return exact_knn(query[0], k, allowed, allowed_vectors if allowed_vectors is not None
-                     else lambda ids: np.asarray(graph.get_items(ids), dtype=np.float32))
+                     else lambda ids: (ids, np.asarray(graph.get_items(ids), dtype=np.float32)))
 
 
 def exact_knn(query: np.ndarray, k: int, allowed: np.ndarray, vectors) -> tuple[np.ndarray, np.ndarray]:
     """The exact k nearest of ``allowed`` ids by cosine distance (ties by id); ``vectors``: their normalised
-    vectors row for row, or a function giving them for a slice of ids (read in chunks)."""
+    vectors row for row, or a function giving (those of a slice of ids it still holds, their vectors), read in
+    chunks."""
     q = np.asarray(query, dtype=np.float32).ravel()
     q = q / (np.linalg.norm(q) + 1e-30)
     best_ids, best_d = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     for start in range(0, len(allowed), BRUTE_FORCE_MAX):
         ids = allowed[start:start + BRUTE_FORCE_MAX]
-        chunk = vectors(ids) if callable(vectors) else vectors[start:start + BRUTE_FORCE_MAX]
+        ids, chunk = vectors(ids) if callable(vectors) else (ids, vectors[start:start + BRUTE_FORCE_MAX])
         d = (1.0 - chunk @ q).astype(np.float32)
         best_ids, best_d = np.concatenate([best_ids, ids]), np.concatenate([best_d, d])
         if len(best_ids) > k:
@@ -552,8 +566,9 @@ class MilvusStore(VectorStore):
         self.dim, self.M, self.ef_construction, self.ef = dim, M, ef_construction, int(ef)
         self.catalog_id = catalog_id
         for name, level in (("pymilvus", logging.CRITICAL), ("milvus_lite", logging.WARNING), ("faiss", logging.WARNING),
-                            ("grpc._server", logging.CRITICAL)):  # milvus-lite's in-process server: its calls that
-            logging.getLogger(name).setLevel(level)  # fail come back to us as IndexFormatError, without tracebacks
+                            ("grpc._server", logging.CRITICAL), ("milvus_lite.server_manager", logging.CRITICAL)):
+            logging.getLogger(name).setLevel(level)  # milvus-lite's in-process server: its calls (and its start)
+            # that fail come back to us as IndexFormatError, without tracebacks
         self._lite = None
         if url.kind == "milvus":
             uri = f"http://{url.address}"
@@ -568,6 +583,13 @@ class MilvusStore(VectorStore):
             self.client = MilvusClient(uri=uri, timeout=30)
         except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and grpc's errors
             self._release_lite()
+            if url.kind == "milvus-lite" and _lite_folder_locked(uri):
+                raise IndexFormatError(
+                    f"vector store {self.url}: another process has this milvus-lite folder open (milvus-lite serves "
+                    "one process at a time). To use the index from several processes (e.g. `medsim serve` beside "
+                    "`medsim watch`), run a Milvus server (`milvus-lite server --data-dir DIR --host 127.0.0.1 "
+                    "--port 19530`, or Milvus) and move the index to it: `medsim rebuild-store --index "
+                    f"{Path(index_folder)} --vector-store milvus://127.0.0.1:19530/{self.collection}`") from None
             raise IndexFormatError(f"vector store {self.url}: cannot connect ({_short(exc)})") from None
         self._loaded = False
 
@@ -651,24 +673,29 @@ class MilvusStore(VectorStore):
         for start in range(0, len(ids), _MILVUS_BATCH):
             self._call(self.client.delete, self.collection, ids=ids[start:start + _MILVUS_BATCH])
 
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
+    def _held_vectors(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(those of ``ids`` the collection holds, their stored vectors): a writer beside this reader may have
+        deleted one since its id was read."""
         self._load()
         found = {}
         for start in range(0, len(ids), _MILVUS_BATCH):
             part = [int(i) for i in ids[start:start + _MILVUS_BATCH]]
             for row in self._call(self.client.get, self.collection, ids=part, output_fields=["vector"]):
                 found[int(row["id"])] = row["vector"]
-        return np.asarray([found[int(i)] for i in ids], dtype=np.float32).reshape(len(ids), self.dim)
+        held = np.asarray([i for i in np.asarray(ids).tolist() if i in found], dtype=np.int64)
+        return held, np.asarray([found[i] for i in held.tolist()], dtype=np.float32).reshape(len(held), self.dim)
 
     def knn(self, vector, k, *, allowed=None, members=None, allowed_vectors=None, excluded=frozenset(),
             case_filter=None, exclude_patient=None, max_id=None, share=None):
         if k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         self._load()
-        expr = milvus_expression(case_filter, exclude_patient, excluded, max_id,
-                                 allowed if allowed is not None and len(allowed) <= 10_000 else None)
+        narrowed = milvus_expression(case_filter, exclude_patient, excluded, None,
+                                     allowed if allowed is not None and len(allowed) <= 10_000 else None)
+        expr = " and ".join(filter(None, (narrowed, milvus_expression(max_id=max_id))))
         query = np.asarray(vector, dtype=np.float32).ravel()
-        ef = max(self.ef, 2 * int(k)) if expr else max(self.ef, int(k))
+        # a snapshot's bound (max_id) passes (nearly) every case: searched as broadly as without it, same answers
+        ef = max(self.ef, 2 * int(k)) if narrowed else max(self.ef, int(k))
         if share:  # HNSW under a filter that passes few cases must look further to find k of them (measured:
             ef = max(ef, min(_MAX_EF, int(1.5 * k / share)))  # recall@10 0.44 at ef 64, 0.99 at 1024, 1 % passing)
         hits = self._search([query], int(k), expr, ef)[0]
@@ -680,7 +707,7 @@ class MilvusStore(VectorStore):
         if len(ids) < k:  # an approximate filtered search may find fewer than exist: count, then scan exactly
             matching = self._matching_ids(expr, allowed)
             if len(matching) > len(ids):
-                return exact_knn(query, int(k), matching, self.vectors)
+                return exact_knn(query, int(k), matching, self._held_vectors)
         return ids, distances
 
     def _matching_ids(self, expr: str, allowed) -> np.ndarray:
@@ -754,6 +781,25 @@ class MilvusStore(VectorStore):
             if type(exc).__module__.startswith(("pymilvus", "grpc", "milvus_lite")):
                 raise IndexFormatError(f"vector store {self.url}: {_short(exc)}") from None
             raise
+
+
+def _lite_folder_locked(folder: str) -> bool:
+    """Whether another process holds milvus-lite's lock on its data folder (one process per folder)."""
+    import fcntl
+
+    from milvus_lite.db import LOCK_FILENAME
+
+    try:
+        fd = os.open(os.path.join(folder, LOCK_FILENAME), os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def _short(exc: Exception) -> str:

@@ -316,3 +316,48 @@ def test_a_reused_case_id_is_searchable_after_a_graph_marked_it_deleted(tmp_path
         hits = index.search(vectors[10], k=3)
         assert hits[0].case.sop_uid == "9.9" and hits[0].score == pytest.approx(1.0, abs=1e-5)
         assert index.store().count() == len(index) == 10
+
+
+def test_a_reader_searches_only_the_cases_its_graph_holds_while_a_writer_commits(tmp_path):
+    """A read-only index (a CLI query, the server's snapshot) loaded its graph; a writer then commits cases that pass
+    the same filter. The catalog's filter names them, the reader's graph does not hold them: the reader's filtered
+    search returns the cases its graph holds, as many as asked, and never fails on the others (hnswlib's 'Label not
+    found' was a 500 in the server). Selective filters (exact scan) and permissive ones (hnswlib's filtered graph
+    search) both; a filter that only the new cases pass finds nothing; the served snapshot too, without a retry."""
+    from medsim.index import CaseFilter
+    from medsim.server.state import Snapshot
+
+    n, dim = 400, 16
+    vectors = _vectors(n + 60, dim, seed=4)
+    cases = _cases(n + 60, ["p1", "p2", "p3", "p4", "p5", "p6", "p7"])
+    for i, case in enumerate(cases):
+        case.view = "PA" if i % 2 else "LL"
+        case.modality = "CR" if i >= n else "DX"
+        case.labels = ("Effusion",) if i % 40 == 0 else case.labels
+    with _new(tmp_path / "idx", dim) as index:
+        index.add(cases[:n], vectors[:n], "fp-a")
+    frontal, effusion, new_only = (CaseFilter(views=("frontal",)), CaseFilter(findings=("Effusion",)),
+                                   CaseFilter(modalities=("CR",)))
+    reader = CaseIndex.open(tmp_path / "idx")
+    snapshot = Snapshot.load(tmp_path / "idx")
+    try:
+        for case_filter in (frontal, effusion):  # graph loaded, the filters' ids cached
+            assert len(reader.search(vectors[0], k=10, case_filter=case_filter)) == 10
+        with CaseIndex.open(tmp_path / "idx", writable=True) as writer:
+            new_ids = set(writer.add(cases[n:], vectors[n:], "fp-a"))
+        assert len(reader) == n + 60  # the catalog sees them
+        for query in (vectors[n + 1], vectors[n + 40], vectors[3]):  # the new cases are the nearest of two queries
+            for case_filter in (frontal, effusion):
+                passing = sum(case_filter.matches(c) for c in cases[:n])
+                k = min(passing, 10) if case_filter is frontal else passing + 1  # more than the graph holds
+                for searched in (reader, snapshot.index):
+                    hits = searched.search(query, k=k, case_filter=case_filter)
+                    assert len(hits) == min(k, passing)
+                    assert all(case_filter.matches(h.case) for h in hits)
+                    assert not {h.case.id for h in hits} & new_ids
+            assert reader.search(query, k=5, case_filter=new_only) == []
+            assert snapshot.search(query, k=5, case_filter=new_only) == []
+            assert len(snapshot.search(query, k=10, case_filter=frontal)) == 10
+    finally:
+        reader.close()
+        snapshot.close()

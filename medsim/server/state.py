@@ -174,14 +174,8 @@ class Snapshot:
         """:meth:`CaseIndex.search` over this snapshot's cases (Case rows from its cache)."""
         if self.count == 0 or k <= 0:
             return []
-        with self.lock:
-            within = None if self.index.state_key() == self.key else self.ids  # the catalog moved on: ours only
-            try:
-                ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, within)
-            except RuntimeError:  # hnswlib's "Label not found": a case committed between the check and the search
-                if within is not None or self.index.state_key() == self.key:
-                    raise
-                ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, self.ids)
+        with self.lock:  # only the snapshot's cases, whatever the catalog committed since it was loaded
+            ids, distances = self.index.nearest(vector, k, exclude_patient, exclude_sop_uid, case_filter, self.ids)
         return hits(ids, distances, self.cases(ids))
 
     def close(self) -> None:
