@@ -30,6 +30,7 @@ from medsim.dicomweb import (DicomWebClient, InstanceRef, InstanceTooLarge, Pacs
 from medsim.errors import ReadFailure, SkipFile, short
 from medsim.index import Case, CaseIndex, FileRecord
 from medsim.ingest import LabelTable, case_attributes, read_any, walk
+from medsim.phash import LEGACY_METHOD, PHASH_META_KEY, reduced_method, reduced_perceptual_hash
 from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
 
 SAVE_EVERY_SECONDS = 60.0
@@ -117,7 +118,7 @@ def process_file(path: str, root: str, policy: ChestPolicy, spec: PreprocessSpec
     except Exception as exc:  # a decoder bug must not stop a 100k-file run; it is reported with the path
         return Outcome(FileRecord(path, size, mtime, "failed", "decode-error", short(f"{type(exc).__name__}: {exc}")))
     return Outcome(FileRecord(path, size, mtime, "indexed", sop_uid=radiograph.sop_uid),
-                   case_from_radiograph(radiograph, path), image)
+                   case_from_radiograph(radiograph, path, image), image)
 
 
 def read_for_index(path: str | Path, policy: ChestPolicy, image_size: int, root: str | Path | None = None):
@@ -129,14 +130,14 @@ def read_for_index(path: str | Path, policy: ChestPolicy, image_size: int, root:
     return read_any(path, root=root, policy=policy)
 
 
-def case_from_radiograph(radiograph, source_path: str) -> Case:
-    from medsim.phash import perceptual_hash_or_empty
-
+def case_from_radiograph(radiograph, source_path: str, image: PreparedImage) -> Case:
+    """The catalog row of a read file. Its pHash is taken from the prepared model input (``image``, the catalog's
+    ``area-<size>`` method, medsim.phash), a quarter of the time of hashing the whole image."""
     return Case(
         sop_uid=radiograph.sop_uid, series_uid=radiograph.series_uid, study_uid=radiograph.study_uid,
         patient_id=radiograph.patient_id, source_path=source_path, view=radiograph.view,
         modality=radiograph.modality, pixel_hash=radiograph.pixel_hash, attributes=case_attributes(radiograph),
-        phash=perceptual_hash_or_empty(radiograph.pixels),
+        phash=reduced_perceptual_hash(image, radiograph.pixels.shape),
     )
 
 
@@ -413,6 +414,7 @@ class IndexWriter:
         self.embedder = embedder
         if embedder is not None:
             report.embed_mode = embedder.describe()
+        self._keep_phash = _catalog_phash_method(index, bundle) == reduced_method(bundle.preprocess.image_size)
         self._seen_uids: set[str] = set()
         self._seen_pixels: dict[str, str] = {}  # pixel hash -> path, of the files queued in this run
         self._pending: list[Outcome] = []
@@ -448,6 +450,8 @@ class IndexWriter:
                                     f"same pixels as {original}", record.sop_uid)
                 report.duplicates.append(record)
             else:
+                if not self._keep_phash:  # a catalog of another pHash method: its duplicates scan computes this one
+                    outcome.case.phash = ""
                 self._seen_uids.add(record.sop_uid)
                 if outcome.case.pixel_hash:
                     self._seen_pixels.setdefault(outcome.case.pixel_hash, record.path)
@@ -488,6 +492,20 @@ class IndexWriter:
             return f"{self._seen_pixels[case.pixel_hash]} (earlier in this run)"
         original = self.index.find_pixel_hash(case.pixel_hash)
         return f"indexed SOP {original.sop_uid} ({original.source_path})" if original else ""
+
+
+def _catalog_phash_method(index: CaseIndex, bundle) -> str:
+    """The pHash method of the catalog (medsim.phash): recorded in its meta; a catalog with cases but no record is
+    from before issue 14 (``display``); a new one gets the method the workers compute, recorded before its first
+    case. One method per catalog, so ``medsim duplicates`` never compares hashes of two methods."""
+    method = index.meta.get(PHASH_META_KEY)
+    if method:
+        return method
+    if len(index):
+        return LEGACY_METHOD
+    method = reduced_method(bundle.preprocess.image_size)
+    index.set_meta(PHASH_META_KEY, method)
+    return method
 
 
 def default_workers() -> int:

@@ -33,8 +33,8 @@ import numpy as np
 
 from medsim.errors import MedsimError
 # The pHash stored at ingest lives in medsim.phash (core, no OpenCV); re-exported here for callers of this module.
-from medsim.phash import (PHASH_BITS, PHASH_HEX, PHASH_SIZE, hamming, perceptual_hash,  # noqa: F401
-                          perceptual_hash_or_empty)
+from medsim.phash import (LEGACY_METHOD, PHASH_BITS, PHASH_HEX, PHASH_META_KEY, PHASH_SIZE,  # noqa: F401
+                          hamming, perceptual_hash, perceptual_hash_by)
 
 EXACT = "exact"
 NEAR = "near-duplicate"
@@ -133,6 +133,7 @@ class DuplicateReport:
     candidates: int = 0  # embedding neighbour pairs above min_cosine (before the pHash check)
     hashes_computed: int = 0  # pHashes missing from the catalog, computed from source files for candidates
     unconfirmed: int = 0  # candidates whose pHash could not be computed either (source file unreadable)
+    phash_method: str = LEGACY_METHOD  # the catalog's (medsim.phash): every hash compared was made this way
     seconds: float = 0.0
 
     @property
@@ -153,6 +154,7 @@ class DuplicateReport:
             "candidates": self.candidates,
             "hashes_computed": self.hashes_computed,
             "unconfirmed": self.unconfirmed,
+            "phash_method": self.phash_method,
             "seconds": round(self.seconds, 2),
         }
 
@@ -166,12 +168,14 @@ class DuplicateReport:
             "          " + _counts_text(c["pairs_by_patients"], (SAME_PATIENT, DIFFERENT_PATIENT, UNKNOWN_PATIENT)),
             "  groups: " + _counts_text(c["groups_by_patients"], (SAME_PATIENT, DIFFERENT_PATIENT, UNKNOWN_PATIENT)),
             f"thresholds: exact = same pixel hash; near-duplicate = cosine >= {t.min_cosine:g} and pHash distance "
-            f"<= {t.max_hamming}/{PHASH_BITS} bits ({t.neighbours} embedding neighbours per case; "
+            f"<= {t.max_hamming}/{PHASH_BITS} bits, pHash method {self.phash_method} ({t.neighbours} embedding "
+            "neighbours per case; "
             f"{c['candidates']} candidate pair(s) checked)",
         ]
         if self.hashes_computed:
             lines.append(f"computed {self.hashes_computed} pHash(es) missing from the catalog (index built before "
-                         "pHashes were stored, or without imagehash) from the source files")
+                         "pHashes were stored, without imagehash, or cases added to a catalog of an older pHash "
+                         "method) from the source files")
         if self.unconfirmed:
             lines.append(f"WARNING: {self.unconfirmed} candidate pair(s) could not be checked: a source file could not "
                          "be read for its pHash; rebuild the index to store them")
@@ -245,14 +249,15 @@ def find_duplicates(index_path: str | Path, thresholds: Thresholds = Thresholds(
         ids, hashes = index.phashes()
         phashes, has_phash = _hash_bytes(hashes)
         del hashes
-        report = DuplicateReport(index=str(index_path), thresholds=thresholds, cases=len(ids))
+        report = DuplicateReport(index=str(index_path), thresholds=thresholds, cases=len(ids),
+                                 phash_method=index.meta.get(PHASH_META_KEY) or LEGACY_METHOD)
 
         exact_pairs, exact_group_of = _exact_pairs(index.pixel_hash_groups())
         near, candidates = _near_candidates(index, ids, phashes, has_phash, exact_group_of, thresholds, progress,
                                             batch_size)
         report.candidates = candidates
         if near.get("unhashed"):
-            extra = _missing_hashes(index, near.pop("unhashed"), compute_missing_hashes)
+            extra = _missing_hashes(index, near.pop("unhashed"), compute_missing_hashes, report.phash_method)
             report.hashes_computed = sum(1 for h in extra.values() if h)
             for (a, b), cosine in near.pop("unhashed_pairs").items():
                 ha = extra.get(a) or _hex_at(ids, phashes, has_phash, a)
@@ -380,8 +385,9 @@ def _hex_at(ids, phashes, has_phash, case_id) -> str:
     return phashes[i].tobytes().hex() if has_phash[i] else ""
 
 
-def _missing_hashes(index, case_ids: list[int], compute: bool) -> dict[int, str]:
-    """pHashes of cases the catalog has none for, from their source files ('' where that fails)."""
+def _missing_hashes(index, case_ids: list[int], compute: bool, method: str) -> dict[int, str]:
+    """pHashes of cases the catalog has none for, from their source files by the catalog's method ('' where that
+    fails)."""
     if not compute:
         return {}
     from medsim.dicom import ChestPolicy
@@ -391,7 +397,7 @@ def _missing_hashes(index, case_ids: list[int], compute: bool) -> dict[int, str]
     policy = ChestPolicy(any_body_part=True, any_modality=True)
     for case in index.cases(case_ids):
         try:
-            out[case.id] = perceptual_hash(read_any(case.source_path, policy=policy).pixels)
+            out[case.id] = perceptual_hash_by(method, read_any(case.source_path, policy=policy).pixels)
         except Exception:
             out[case.id] = ""
     return out

@@ -128,6 +128,17 @@ def _from_grey(grey: np.ndarray, spec: dict) -> PreparedImage:
     return PreparedImage(channels(grey, made), made.fingerprint)
 
 
+def unpadded(grey: np.ndarray, source_shape: tuple[int, int]) -> np.ndarray:
+    """The image part of a letterboxed (1, S, S) grey channel made from an image of ``source_shape`` (H, W): the
+    inverse of the pipeline's padding, with MONAI's arithmetic (Resize ``longest``: each side ``round(side * S /
+    longest)``; SpatialPad symmetric: the smaller half before). A view, no copy."""
+    size = grey.shape[-1]
+    scale = size / max(source_shape)
+    rows, cols = (int(round(side * scale)) for side in source_shape)
+    top, left = (size - rows) // 2, (size - cols) // 2
+    return grey.reshape(grey.shape[-2:])[top:top + rows, left:left + cols]
+
+
 _TRANSFORMS: dict[str, object] = {}
 
 

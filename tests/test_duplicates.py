@@ -280,6 +280,56 @@ def test_an_index_without_stored_phashes_still_works(dataset, tmp_path):
     db.close()
 
 
+def test_a_catalog_holds_hashes_of_one_method_and_both_methods_find_the_same_pairs(dataset, bundle, tmp_path):
+    """Issue 14: a new catalog stores the pHash of the prepared model input (``area-224``) and records the method; a
+    catalog from before (no method recorded) holds hashes of the whole display image and keeps them: a case added
+    to it stores none, and the scan computes that one from its source file by the catalog's method. With the old
+    hashes the scan finds the same groups as with the new ones."""
+    from PIL import Image
+
+    from medsim.build import read_for_index
+    from medsim.dicom import ChestPolicy
+    from medsim.phash import LEGACY_METHOD, PHASH_META_KEY, perceptual_hash_by
+
+    policy = ChestPolicy(any_body_part=True, any_modality=True)
+    assert dataset["report"].phash_method == "area-224" == dataset["report"].counts()["phash_method"]
+    legacy = tmp_path / "legacy-index"
+    shutil.copytree(dataset["index"], legacy)
+    with CaseIndex.open(dataset["index"]) as index:
+        assert index.meta[PHASH_META_KEY] == "area-224"
+        cases = index.cases()
+    db = sqlite3.connect(legacy / "catalog.sqlite")
+    for case in cases:
+        pixels = read_for_index(case.source_path, policy, 224).pixels
+        if case.id % 10 == 0:  # the stored hash is the area method's of the pixels build-index read
+            assert case.phash == perceptual_hash_by("area-224", pixels), case.source_path
+        db.execute("UPDATE cases SET phash = ? WHERE id = ?", (perceptual_hash_by(LEGACY_METHOD, pixels), case.id))
+    db.execute("DELETE FROM meta WHERE key = ?", (PHASH_META_KEY,))
+    db.commit()
+    db.close()
+    before = find_duplicates(legacy)
+    key = lambda r: sorted(tuple(sorted(c.sop_uid for c in g.cases)) for g in r.groups)  # noqa: E731
+    assert before.phash_method == LEGACY_METHOD and before.hashes_computed == 0
+    assert key(before) == key(dataset["report"])
+
+    original = next(c for c in cases if c.source_path.endswith((".jpg", ".png")))
+    gray = np.clip(np.rint(read_any(original.source_path).pixels * 255), 0, 255).astype(np.uint8)
+    added = tmp_path / "added"
+    added.mkdir()
+    Image.fromarray(gen._resize(gray, 0.5)).save(added / "resized-copy.png")
+    build_index(added, legacy, bundle, workers=0, progress=False)
+    with CaseIndex.open(legacy) as index:
+        assert PHASH_META_KEY not in index.meta
+        new_case = next(c for c in index.cases() if c.source_path.endswith("resized-copy.png"))
+    assert new_case.phash == ""  # not an area hash among display hashes
+    after = find_duplicates(legacy)
+    assert after.phash_method == LEGACY_METHOD and after.hashes_computed >= 1 and after.unconfirmed == 0
+    pair = next(p for p in after.pairs if new_case.id in (p.a, p.b) and original.id in (p.a, p.b))
+    assert pair.kind == NEAR
+    assert pair.hamming == hamming(perceptual_hash(read_any(new_case.source_path).pixels),
+                                   perceptual_hash(read_any(original.source_path).pixels))
+
+
 # ---- build-index --skip-duplicates -------------------------------------------------------------------------------
 
 
