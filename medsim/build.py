@@ -158,7 +158,8 @@ def _init_worker() -> None:
 def build_index(source: str | Path, index_path: str | Path, bundle, labels: LabelTable | None = None,
                 policy: ChestPolicy = ChestPolicy(), workers: int | None = None, batch_size: int = 16,
                 progress: bool = True, chunk_size: int = 4, skip_duplicates: bool = False,
-                client: DicomWebClient | None = None, executor=None) -> BuildReport:
+                client: DicomWebClient | None = None, executor=None, vector_store: str | None = None
+                ) -> BuildReport:
     """Index every new or changed image of ``source`` into ``index_path`` with ``bundle``'s model.
 
     source: a folder (every file below it), or a DICOMweb URL (every chest radiograph the server lists; ``client``
@@ -166,13 +167,16 @@ def build_index(source: str | Path, index_path: str | Path, bundle, labels: Labe
     skip_duplicates: keep exact duplicates (decoded pixels equal to an indexed case's, or to a file read earlier in
     this run) out of the index; each is skipped with reason ``duplicate-pixels`` and listed in the report.
     executor: where the reading and embedding run; default ``LocalExecutor(workers, chunk_size)`` (this machine), or
-    ``medsim.build_ray.RayExecutor(address)`` (a Ray cluster; ``workers`` and ``chunk_size`` are then unused)."""
+    ``medsim.build_ray.RayExecutor(address)`` (a Ray cluster; ``workers`` and ``chunk_size`` are then unused).
+    vector_store: where a new index keeps its vectors (:func:`medsim.vectors.parse_url`: ``hnswlib``, the default,
+    ``milvus://HOST:PORT/COLLECTION``, a milvus-lite ``PATH.db``); an existing index must already use it (else
+    IndexFormatError: `medsim rebuild-store` moves an index to another store). None: the index's own, or hnswlib."""
     if is_dicomweb_url(source):
         images = _DicomWebSource(client or DicomWebClient(str(source)), policy)
     else:
         images = _FolderSource(Path(source).resolve(), policy, labels)
     return _run(images, index_path, bundle, labels, executor or LocalExecutor(workers, chunk_size), batch_size,
-                progress, skip_duplicates)
+                progress, skip_duplicates, vector_store=vector_store)
 
 
 def index_studies(client: DicomWebClient, study_uids, index_path: str | Path, bundle,
@@ -209,13 +213,13 @@ class ReusedEmbedder:
 
 
 def _run(images, index_path, bundle, labels, executor, batch_size, progress, skip_duplicates,
-         meta: dict | None = None) -> BuildReport:
+         meta: dict | None = None, vector_store: str | None = None) -> BuildReport:
     """The one build loop: list what is new → read/preprocess (and, remotely, embed) on the executor → embed what
     is not yet embedded and commit in batches here."""
     started = time.perf_counter()
     report = BuildReport()
     index = CaseIndex.open_or_create(index_path, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
-                                     dim=bundle.embedding_dim, model_path=str(bundle.path))
+                                     dim=bundle.embedding_dim, model_path=str(bundle.path), vector_store=vector_store)
     try:
         todo = images.pending(index, report)
         with executor.outcomes(images, todo, bundle, batch_size, report) as outcomes:

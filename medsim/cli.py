@@ -231,15 +231,9 @@ def cmd_build_index(args) -> int:
         from medsim.build_ray import RayExecutor
 
         executor = RayExecutor(args.ray)
-    if args.vector_store:  # create the index with that store (or check an existing one uses it); the build opens it
-        from medsim.index import CaseIndex
-
-        CaseIndex.open_or_create(args.index, model_fingerprint=bundle.fingerprint, model_name=bundle.name,
-                                 dim=bundle.embedding_dim, model_path=str(bundle.path),
-                                 vector_store=args.vector_store).close()
     report = build_index(args.source, args.index, bundle, labels=labels, policy=policy, workers=args.workers,
                          batch_size=args.batch_size, progress=not args.no_progress,
-                         skip_duplicates=args.skip_duplicates, executor=executor)
+                         skip_duplicates=args.skip_duplicates, executor=executor, vector_store=args.vector_store)
     for line in report.summary_lines():
         print(line)
     if args.report:

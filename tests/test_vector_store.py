@@ -310,6 +310,73 @@ def test_cli_commands_work_unchanged_against_a_milvus_index(tmp_path, lite, samp
         assert _ids(index.search(query, k=K)) == _ids(original.search(query, k=K))
 
 
+def test_build_index_in_python_chooses_the_vector_store(tmp_path, bundle, sample_index):
+    """build_index(..., vector_store=URL), the Python API of `build-index --vector-store`: the sample export built
+    into a milvus-lite folder answers every query as the hnswlib build does; a re-run (with the URL or without it)
+    adds nothing; an index that uses another store is refused, naming rebuild-store, before anything is read, and is
+    left as it was."""
+    from conftest import SAMPLE_DIR
+    from medsim.build import build_index
+    from medsim.ingest import LabelTable
+
+    labels = LabelTable.from_csv(SAMPLE_DIR / "labels.csv")
+    path, url = tmp_path / "built", str(tmp_path / "vectors.db")
+    report = build_index(SAMPLE_DIR, path, bundle, labels=labels, workers=0, batch_size=4, progress=False,
+                         vector_store=url)
+    with CaseIndex.open(path) as milvus, CaseIndex.open(sample_index[0]) as hnsw:
+        assert isinstance(milvus.store(), MilvusStore) and str(milvus.store_url()) == f"milvus-lite://{url}#medsim_cases"
+        assert not (path / "vectors.hnsw").exists()
+        assert milvus.store().count() == len(milvus) == len(hnsw) == report.total_cases
+        for case in hnsw.cases():
+            args = dict(k=K, exclude_patient=case.patient_id, exclude_sop_uid=case.sop_uid)
+            want = [h.case.sop_uid for h in hnsw.search(hnsw.vector(case.sop_uid), **args)]
+            assert [h.case.sop_uid for h in milvus.search(milvus.vector(case.sop_uid), **args)] == want
+    for again in (url, None):
+        assert build_index(SAMPLE_DIR, path, bundle, labels=labels, workers=0, progress=False,
+                           vector_store=again).indexed == 0
+    hnsw_copy = _copy_catalog(sample_index[0], tmp_path / "hnsw")
+    for index, other in ((path, "hnswlib"), (path, str(tmp_path / "other.db")), (hnsw_copy, url)):
+        with pytest.raises(IndexFormatError, match="rebuild-store"):
+            build_index(SAMPLE_DIR, index, bundle, labels=labels, workers=0, progress=False, vector_store=other)
+    assert not (tmp_path / "other.db").exists()
+    with CaseIndex.open(hnsw_copy) as index, CaseIndex.open(sample_index[0]) as original:
+        assert "vector_store" not in index.meta and index.state_key() == original.state_key()
+
+
+_HOLD = """import sys
+from medsim.index import CaseIndex
+index = CaseIndex.open(sys.argv[1])
+index.store()
+print("holding", flush=True)
+sys.stdin.read()
+index.close()
+"""
+
+
+def test_a_milvus_lite_folder_held_by_another_process_is_one_clear_error(tmp_path, lite):
+    """milvus-lite serves a folder to one process at a time: while one process holds it (`medsim watch`, a
+    server), another command gets one error line that says to use a Milvus server, not a traceback; once the
+    folder is free, the same command works."""
+    path = _milvus_copy(lite["sample"], tmp_path / "idx", str(tmp_path / "idx" / "vectors.db"))
+    command = [str(Path(sys.executable).with_name("medsim")), "duplicates", "--index", str(path), "--out",
+               str(tmp_path / "pairs.csv"), "--no-progress"]
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.stdin.close()
+        holder.wait(60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medsim: error: vector store milvus-lite://"), run.stderr
+    for text in ("another process has this milvus-lite folder open", "milvus-lite server", "rebuild-store",
+                 "milvus://127.0.0.1:19530/medsim_cases"):
+        assert text in lines[0]
+    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
+
+
 # ---- a milvus-lite server process on 127.0.0.1 --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
