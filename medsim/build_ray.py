@@ -12,10 +12,18 @@ on the cluster, as one Ray Data pipeline:
       → iter_batches on this process                         outcomes with their vectors → the writer
 
 The model bundle travels through the object store (the nodes need medsim installed, not the bundle); each actor
-verifies its fingerprint and picks its numeric mode by the local rules (``medsim.model.embedder.default_embed_mode``;
-``$MEDSIM_EMBED_MODE`` of this process is passed on). Ray retries tasks and restarts actors lost with a node; an
-outcome that arrives twice is dropped here, and if the pipeline fails anyway, what was committed stays and a re-run
-adds only the rest.
+verifies its fingerprint and picks its device's numeric mode by the local rules
+(``medsim.model.embedder.embedding_plan``: bf16 on a GPU of compute capability 8 or more, else channels_last; int8
+on CPUs with VNNI for a bundle that approved it; ``$MEDSIM_EMBED_MODE`` of this process is passed on). Ray retries
+tasks and restarts actors lost with a node; an outcome that arrives twice is dropped here, and if the pipeline fails
+anyway, what was committed stays and a re-run adds only the rest.
+
+A GPU actor whose node declares a GPU to Ray but whose torch sees no CUDA device (a CPU-only torch in the node's
+image, no driver, a wrong CUDA_VISIBLE_DEVICES) fails the build with one line naming the node, before any vector is
+written; it does not fall back to the CPU. Such a node is misconfigured: a fallback would hold the GPU that Ray
+reserved while embedding one thread at a time (10^7 images: weeks instead of hours) and in another numeric mode than
+the actors whose GPU works, and a researcher would learn of it from the run time, not from the build. The fix is on
+the node (or in its Ray resources), after which the same command runs the whole build.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -50,6 +59,11 @@ LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 class RayError(MedsimError):
     """The cluster could not be reached or the pipeline failed; what was committed is kept."""
+
+
+class ActorSetupError(MedsimError):
+    """An embedding actor could not start (no CUDA device, a bundle that does not match): Ray passes on only its
+    message, which the driver turns back into one line."""
 
 
 class RayExecutor:
@@ -90,9 +104,7 @@ class RayExecutor:
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the writer's bar is the one progress bar
         context.execution_options.preserve_order = False
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        actors = self.actors or (gpus if gpus else max(1, cpus // 2))
+        actors, gpus_per_actor, device = self.plan(ray.cluster_resources())
         per_task = self.items_per_task or batch_size
         items = ray.data.from_items([{"item": pickle.dumps(item)} for item in todo],
                                     override_num_blocks=max(1, math.ceil(len(todo) / per_task)))
@@ -101,10 +113,18 @@ class RayExecutor:
         env = {EMBED_MODE_ENV: os.environ[EMBED_MODE_ENV]} if os.environ.get(EMBED_MODE_ENV) else {}
         return read.map_batches(
             _Embed, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-            num_gpus=1 if gpus else 0, num_cpus=1, memory=ACTOR_MEMORY_BYTES,
+            num_gpus=gpus_per_actor, num_cpus=1, memory=ACTOR_MEMORY_BYTES,
             fn_constructor_kwargs={"bundle_files": [ray.put(_bundle_files(bundle.path))],
                                    "fingerprint": bundle.fingerprint, "batch_size": batch_size,
-                                   "device": "cuda" if gpus else "cpu", "env": env})
+                                   "device": device, "env": env})
+
+    def plan(self, resources: dict) -> tuple[int, int, str]:
+        """(embedding actors, GPUs per actor, their device) for a cluster's resources (``ray.cluster_resources()``):
+        one actor per GPU, each holding one (``cuda``), when the cluster has GPUs; else CPU actors."""
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        if gpus:
+            return self.actors or gpus, 1, "cuda"
+        return self.actors or max(1, cpus // 2), 0, "cpu"
 
 
 class _RayOutcomes:
@@ -131,6 +151,9 @@ class _RayOutcomes:
         except (KeyboardInterrupt, MedsimError):
             raise
         except Exception as exc:  # noqa: BLE001 - Ray wraps what failed remotely in many exception types
+            setup = re.search(rf"{ActorSetupError.__name__}: (.+)", str(exc))
+            if setup:  # a node to fix, not a run to repeat
+                raise RayError(f"an embedding actor could not start: {short(setup.group(1))}") from None
             raise RayError(f"the Ray pipeline failed ({short(f'{type(exc).__name__}: {exc}')}); every batch "
                            "committed before is kept: run the same command again to add the rest") from None
 
@@ -207,13 +230,19 @@ class _Embed:
             path = Path(self._folder.name) / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        bundle = ModelBundle.load(self._folder.name)
-        if bundle.fingerprint != fingerprint:
-            raise ModelMismatch(f"the bundle on this node is {bundle.fingerprint}, the index needs {fingerprint}")
-        if device == "cpu":  # the threads of the CPUs Ray gave this actor, as a local build uses its cores
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
-        self.embedder = bundle.embedder(device=device, batch_size=batch_size)
+        context = ray.get_runtime_context()
+        try:
+            bundle = ModelBundle.load(self._folder.name)
+            if bundle.fingerprint != fingerprint:
+                raise ModelMismatch(f"the bundle here is {bundle.fingerprint}, the index needs {fingerprint}")
+            if device == "cpu":  # the threads of the CPUs Ray gave this actor, as a local build uses its cores
+                torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
+            self.embedder = bundle.embedder(device=device, batch_size=batch_size)  # embedding_plan's device and mode
+        except MedsimError as exc:
+            gpus = context.get_accelerator_ids().get("GPU") or []
+            where = f"Ray node {ray.util.get_node_ip_address()} (ID {context.get_node_id()[:8]}" + \
+                (f", given GPU {', '.join(gpus)}" if gpus else "") + ")"
+            raise ActorSetupError(f"{where}: {exc}") from None
         self.mode = self.embedder.describe()
 
     def __call__(self, batch: dict) -> dict:

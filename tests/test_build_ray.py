@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -202,3 +203,50 @@ def test_a_lost_worker_node_loses_and_repeats_nothing(ray_cluster, export, local
         assert len(cases) == len({c.sop_uid for c in cases}) == len(index.vectors()[0]) == 26
         assert {c.sop_uid for c in cases} == {c.sop_uid for c in local.cases()}
         assert np.allclose(np.linalg.norm(index.vectors()[1], axis=1), 1.0, atol=1e-4)
+
+
+def test_gpu_actors_go_to_the_gpu_node_and_a_node_without_cuda_fails_in_one_line(ray_cluster, export, bundle,
+                                                                                tmp_path, capsys):
+    """A third node declares two GPUs to Ray (logical: this machine has none). The build plans one embedding actor
+    per GPU, each holding one, and Ray places them there; torch on that node sees no CUDA device, so the build stops
+    with one line naming the node and the GPU Ray gave the actor, and writes no vector (``embedding_plan``: no CPU
+    fallback). With the node gone, the same command builds the index on the CPU actors."""
+    import ray
+    import torch
+
+    from medsim.build_ray import RayExecutor
+    from ray_fixtures import NODE_OBJECT_STORE_BYTES
+
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here: a GPU actor would embed, not fail")
+    source = tmp_path / "four"
+    source.mkdir()
+    for jpeg in sorted((export[0] / "shared").glob("*.jpg"))[:4]:
+        shutil.copy(jpeg, source / jpeg.name)
+    path = tmp_path / "index"
+    command = ["build-index", str(source), "--index", str(path), "--model", "imagenet", "--batch-size", str(BATCH),
+               "--no-progress", "--ray", ray_cluster.address]
+    gpu_node = ray_cluster.cluster.add_node(node_ip_address="127.0.0.1", num_cpus=2, num_gpus=2,
+                                            object_store_memory=NODE_OBJECT_STORE_BYTES)
+    ray.init(address=ray_cluster.address, logging_level="WARNING")
+    try:
+        assert RayExecutor(ray_cluster.address).plan(ray.cluster_resources()) == (2, 1, "cuda")
+        capsys.readouterr()
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        line = next(x for x in err.splitlines() if "could not start" in x)
+        assert re.search(rf"an embedding actor could not start: Ray node 127\.0\.0\.1 \(ID {gpu_node.node_id[:8]}, "
+                         r"given GPU [01]\): no CUDA device is visible to torch here \(torch .*CUDA_VISIBLE_DEVICES="
+                         r"'[01]'\)", line), line
+        actors = [a for a in ray._private.state.actors().values()
+                  if "_Embed" in a["ActorClassName"] and a["JobID"] == ray.get_runtime_context().get_job_id()]
+        assert len(actors) == 2 and {a["Address"]["NodeID"] for a in actors} == {gpu_node.node_id}, actors
+        with CaseIndex.open(path) as index:
+            assert len(index) == 0 and not index.file_records()
+    finally:
+        ray.shutdown()
+        ray_cluster.cluster.remove_node(gpu_node)
+    assert main(command) == 0
+    assert "(Ray actors)" in capsys.readouterr().out
+    with CaseIndex.open(path) as index:
+        assert len(index) == 4

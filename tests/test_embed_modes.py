@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from medsim.model import imagenet_bundle
-from medsim.model.embedder import EMBED_MODE_ENV, EMBED_MODES, default_embed_mode, native_bf16
+from medsim.model.embedder import (EMBED_MODE_ENV, EMBED_MODES, EmbedDeviceError, default_embed_mode, embedding_plan,
+                                   native_bf16)
 from medsim.model.convert import synthetic_radiograph
 
 pytestmark = pytest.mark.slow
@@ -54,6 +55,29 @@ def test_default_mode_and_its_override(bundle, monkeypatch):
     monkeypatch.delenv(EMBED_MODE_ENV)
     with pytest.raises(ValueError, match="unknown embedding mode"):
         bundle.embedder(mode="int4")
+
+
+def test_one_device_and_mode_rule_for_a_local_build_and_a_ray_actor(bundle, monkeypatch):
+    """``embedding_plan`` decides for every Embedder (a local build's, a Ray actor's). Asked for a GPU that torch
+    cannot see, it fails with one line and never embeds on the CPU instead."""
+    import torch
+
+    monkeypatch.delenv(EMBED_MODE_ENV, raising=False)
+    assert embedding_plan("cpu") == (torch.device("cpu"), default_embed_mode("cpu"))
+    if not torch.cuda.is_available():
+        for make in (lambda: embedding_plan("cuda"), lambda: bundle.embedder(device="cuda")):
+            with pytest.raises(EmbedDeviceError, match=r"^no CUDA device is visible to torch here \(torch ") as err:
+                make()
+            assert "\n" not in str(err.value)
+    # the GPU rules, with the CUDA queries answered as a GPU of each generation would (no GPU on this machine)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, mode in (((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 0), "channels_last")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert embedding_plan("cuda", int8_approved=True) == (torch.device("cuda"), mode)
+    monkeypatch.setenv(EMBED_MODE_ENV, "int8")
+    assert embedding_plan("cpu") == (torch.device("cpu"), "int8")
+    with pytest.raises(EmbedDeviceError, match="the int8 mode runs on the CPU only"):
+        embedding_plan("cuda")
 
 
 def test_build_index_reports_the_mode_it_used(bundle, tmp_path):

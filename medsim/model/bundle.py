@@ -351,6 +351,6 @@ class ModelBundle:
                  ) -> Embedder:
         """An ``Embedder`` with this bundle's network, preprocessing, fingerprint and int8 calibration; mode: one of
         ``medsim.model.embedder.EMBED_MODES``, or None / "auto" for ``default_embed_mode``."""
-        return Embedder(self.network(device), self.preprocess, device=device, batch_size=batch_size,
+        return Embedder(self.network(), self.preprocess, device=device, batch_size=batch_size,
                         fingerprint=self.fingerprint, name=self.name, mode=mode,
                         int8=self.int8_calibration())

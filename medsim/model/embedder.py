@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
-from medsim.errors import ModelMismatch
+from medsim.errors import MedsimError, ModelMismatch
 from medsim.model.network import EmbeddingNet
 from medsim.model.quantize import Int8Calibration, integer_dot_product_cpu, quantized_features
 from medsim.preprocess import PreparedImage, PreprocessSpec, prepare
@@ -75,12 +75,39 @@ def default_embed_mode(device: str | torch.device = "cpu", int8_approved: bool =
     return "bf16" if native_bf16(device) else "channels_last"
 
 
+class EmbedDeviceError(MedsimError, ValueError):
+    """The device cannot embed in the mode asked for: no CUDA device visible to torch, or int8 off the CPU."""
+
+
+def embedding_plan(device: str | torch.device = "cpu", int8_approved: bool = False, mode: str | None = None
+                   ) -> tuple[torch.device, str]:
+    """The device and numeric mode an ``Embedder`` runs in: one rule for a local build and a Ray embedding actor.
+
+    mode None / "auto": ``default_embed_mode`` (on a GPU: bf16 from compute capability 8, else channels_last; int8 is
+    CPU only). A CUDA device must be visible to torch: asked for a GPU, embedding never falls back to the CPU, which
+    would run tens of times slower and in another numeric mode than the rest of the index."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise EmbedDeviceError(
+            f"no CUDA device is visible to torch here (torch {torch.__version__}, "
+            + (f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build")
+            + ("" if visible is None else f", CUDA_VISIBLE_DEVICES={visible!r}")
+            + "): install the NVIDIA driver and a CUDA build of torch, or embed on the CPU")
+    chosen = default_embed_mode(device, int8_approved) if mode in (None, "", "auto") else str(mode)
+    if chosen not in EMBED_MODES:
+        raise ValueError(f"unknown embedding mode {mode!r}; known: {', '.join(EMBED_MODES)} or auto")
+    if chosen == "int8" and device.type != "cpu":
+        raise EmbedDeviceError(f"the int8 mode runs on the CPU only ({device} asked for); use bf16 on a GPU")
+    return device, chosen
+
+
 class Embedder:
     """Pixels -> L2-normalised embeddings with one bundle's network and preprocessing.
 
     ``preprocess`` may run elsewhere (worker processes); ``embed_prepared`` checks that every input was prepared
     with this bundle's spec. Batched, under ``torch.inference_mode``; torch's global settings are left alone.
-    mode: one of ``EMBED_MODES``; None or "auto": ``default_embed_mode(device)``.
+    device and mode: as ``embedding_plan`` decides (mode None or "auto": ``default_embed_mode(device)``).
     """
 
     def __init__(self, network: EmbeddingNet, spec: PreprocessSpec, *, device: str | torch.device = "cpu",
@@ -88,19 +115,13 @@ class Embedder:
                  int8: Int8Calibration | None = None):
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        self.device = torch.device(device)
-        approved = bool(int8 is not None and int8.approved)
         automatic = mode in (None, "", "auto")
-        self.mode = default_embed_mode(self.device, approved) if automatic else str(mode)
-        if self.mode not in EMBED_MODES:
-            raise ValueError(f"unknown embedding mode {mode!r}; known: {', '.join(EMBED_MODES)} or auto")
+        self.device, self.mode = embedding_plan(device, bool(int8 is not None and int8.approved), mode)
         # channels_last: oneDNN's faster convolution layout on CPU (same results to ~1e-7).
         self._memory_format = torch.contiguous_format if self.mode in ("fp32", "int8") else torch.channels_last
         self.network = network.to(self.device, memory_format=self._memory_format).eval()
         self._int8_features = None
         if self.mode == "int8":
-            if self.device.type != "cpu":
-                raise ValueError("the int8 mode runs on the CPU only; use bf16 on a GPU")
             if int8 is None:
                 raise ValueError(f"model {name or '?'} carries no int8 calibration images (bundles written by "
                                  f"`medsim train` do); use channels_last or fp32")
