@@ -355,26 +355,32 @@ index.close()
 
 def test_a_milvus_lite_folder_held_by_another_process_is_one_clear_error(tmp_path, lite):
     """milvus-lite serves a folder to one process at a time: while one process holds it (`medsim watch`, a
-    server), another command gets one error line that says to use a Milvus server, not a traceback; once the
-    folder is free, the same command works."""
+    server), `medsim serve` and `medsim duplicates` each fail with one error line that says to use a Milvus server,
+    not a traceback; once the folder is free, the same command works."""
+    from medsim.orthanc import free_port
+
     path = _milvus_copy(lite["sample"], tmp_path / "idx", str(tmp_path / "idx" / "vectors.db"))
-    command = [str(Path(sys.executable).with_name("medsim")), "duplicates", "--index", str(path), "--out",
-               str(tmp_path / "pairs.csv"), "--no-progress"]
+    medsim = str(Path(sys.executable).with_name("medsim"))
+    duplicates = [medsim, "duplicates", "--index", str(path), "--out", str(tmp_path / "pairs.csv"), "--no-progress"]
+    serve = [medsim, "serve", "--index", str(path), "--host", "127.0.0.1", "--port", str(free_port()), "--cache-dir",
+             str(tmp_path / "cache")]
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "holding"
-        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        runs = [subprocess.run(command, capture_output=True, text=True, timeout=120) for command in (serve, duplicates)]
     finally:
         holder.stdin.close()
         holder.wait(60)
-    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("medsim: error: vector store milvus-lite://"), run.stderr
-    for text in ("another process has this milvus-lite folder open", "milvus-lite server", "rebuild-store",
-                 "milvus://127.0.0.1:19530/medsim_cases"):
-        assert text in lines[0]
-    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
+    for run in runs:
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+        errors = [line for line in run.stderr.splitlines() if line.startswith("medsim: error:")]
+        assert len(errors) == 1 and errors[0] == run.stderr.strip().splitlines()[-1], run.stderr
+        assert errors[0].startswith("medsim: error: vector store milvus-lite://"), run.stderr
+        for text in ("another process has this milvus-lite folder open", "milvus-lite server", "rebuild-store",
+                     "milvus://127.0.0.1:19530/medsim_cases"):
+            assert text in errors[0]
+    assert subprocess.run(duplicates, capture_output=True, text=True, timeout=120).returncode == 0
 
 
 # ---- a milvus-lite server process on 127.0.0.1 --------------------------------------------------------------------
