@@ -107,7 +107,7 @@ class Snapshot:
                 index.require_model(model_fingerprint)  # an index rebuilt with another model is never swapped in
             key = index.state_key()
             store = index.store()
-            ids = np.intersect1d(store.ids(), index.case_ids(), assume_unique=True)  # the store's ids that are cases
+            ids = store.held(index.case_ids())  # the catalog's cases that the store holds
             stats = index.stats()
             stats["cases"] = int(len(ids))  # what is searched, whatever the catalog committed meanwhile
             snapshot = cls(index=index, store=store, ids=ids, key=key, stats=stats, loaded_at=time.time())
