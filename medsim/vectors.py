@@ -2,7 +2,7 @@
 (:mod:`medsim.index`) is the source of truth; a store is a cache of its vectors that can always be rebuilt from it.
 
 Two stores, one small hnswlib-like interface (:class:`VectorStore`: ``add``, ``remove``, ``knn``, ``knn_batch``,
-``ids``, ``count``, ``save``, ``close``):
+``ids``, ``held``, ``count``, ``save``, ``close``):
 
 * :class:`HnswStore` (default, URL ``hnswlib``): hnswlib in this process, saved as ``vectors.hnsw`` next to the
   catalog, checked before hnswlib reads it. Filters are resolved by the catalog (SQL) into the allowed ids.
