@@ -96,7 +96,7 @@ if len(stamps) >= 3 and stamps[-1][0] > stamps[1][0]:
 print(json.dumps({"indexed": report.indexed, "failed": dict(report.failed), "skipped": dict(report.skipped),
                   "seconds": report.seconds, "wall": wall, "images_per_s": report.images_per_second,
                   "steady_images_per_s": steady, "first_batch_s": stamps[0][0] - started if stamps else None,
-                  "mode": report.embed_mode, "workers": B.default_workers() if workers is None else workers,
+                  "mode": report.embed_mode, "workers": report.workers,
                   "peak_rss_main_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                   "peak_rss_worker_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
 """
@@ -508,7 +508,7 @@ def run(quick: bool = False, limit: int | None = None, embed_images: int | None 
         say("scoring the vectors of the cxr build (default mode)")
         quality = score_index(WORK / "index-cxr", source_cxr, labels_cxr)
     return {"machine": machine(), "load_average_before": load_before, "load_average_after": load_average(),
-            "export": export, "workers": max(1, min(8, (os.cpu_count() or 2) - 1)),
+            "export": export, "workers": max((r.get("workers") or 0 for r in results.values()), default=None),
             "embed_only_images": len(sample), "builds": results, "default_mode_quality": quality,
             "settings": {"quick": quick, "limit": limit}}
 

@@ -65,6 +65,7 @@ class BuildReport:
     total_cases: int = 0
     interrupted: bool = False
     embed_mode: str = ""  # Embedder.describe(): numeric mode, device, batch size, threads
+    workers: int | None = None  # decoding processes of a local build (default_workers() unless given)
 
     @property
     def images_per_second(self) -> float:
@@ -273,6 +274,10 @@ class _FolderSource:
     def pool(self, workers: int) -> Executor | None:
         return _process_pool(workers) if workers > 0 else None
 
+    def files(self, todo: list[str]) -> list[str]:
+        """The local files among ``todo`` (what default_workers() sizes up): all of them."""
+        return todo
+
     def in_flight(self, workers: int) -> int:
         return 2 * workers + 2
 
@@ -306,6 +311,10 @@ class _DicomWebSource:
     def pool(self, workers: int) -> Executor:
         # fetching is I/O: without worker processes, threads of this process still overlap the requests
         return _process_pool(workers) if workers > 0 else ThreadPoolExecutor(max_workers=4)
+
+    def files(self, todo: list) -> list:
+        """None are local before they are fetched: default_workers() keeps one fewer than the cores."""
+        return []
 
     def in_flight(self, workers: int) -> int:
         return 2 * max(workers, 3) + 2
@@ -512,9 +521,60 @@ def _catalog_phash_method(index: CaseIndex, bundle) -> str:
     return method
 
 
-def default_workers() -> int:
-    """Decoding processes: one fewer than the cores (the model uses the rest), at least one, at most eight."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+# default_workers(): is a source decode-bound? A worker's CPU time per image, estimated from a few files' headers:
+# megapixels x the cost per megapixel of its kind, measured here with one worker (read, reduced where the codec
+# allows, LUTs, hashes and preprocessing; docs/performance.md, issue 14): the lossless codecs (JPEG Lossless, JPEG-LS,
+# JPEG 2000) 42-60 ms per MP, more for small JPEG 2000 files read whole; everything else (uncompressed, RLE, JPEG
+# Baseline, PNG/JPEG files) 4-20 ms per MP.
+WORKER_SAMPLE_FILES = 8
+CODEC_MS_PER_MP = 50.0
+OTHER_MS_PER_MP = 15.0
+# CPU ms per image of the embedder against which that is weighed: the int8 default (2 threads) took 21-30 here, the
+# fastest mode measured, so a slower embedder only makes the choice of all cores err towards an idle worker.
+EMBED_CPU_MS = 25.0
+_CODEC_SYNTAX_PREFIX = "1.2.840.10008.1.2.4."  # JPEG family; Baseline/Extended (.50/.51) are cheap (DCT scaling)
+_CHEAP_JPEG = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51")
+
+
+def default_workers(sample=(), cores: int | None = None) -> int:
+    """Decoding processes for a build over the files ``sample`` (paths; empty: unknown, e.g. a DICOMweb source).
+
+    Normally one fewer than the cores: the model is the bottleneck (a 512-px image costs a worker 3-6 ms of CPU, the
+    int8 model ~25 ms) and takes the rest. All cores when decoding is the bottleneck: when the estimated worker CPU
+    time per image (the mean over up to WORKER_SAMPLE_FILES files spread over ``sample``, from their headers:
+    :func:`estimated_worker_ms`) exceeds what the other cores spend embedding it, (cores - 1) x EMBED_CPU_MS -- on
+    two cores that is every full-resolution export (2,000-3,500 px: 30-300 ms per image). Reading the headers costs
+    a few ms. At least one, at most eight."""
+    cores = cores or os.cpu_count() or 2
+    workers = cores - 1
+    sample = list(sample)
+    if sample and cores > 1:
+        step = max(1, len(sample) // WORKER_SAMPLE_FILES)
+        estimates = [ms for ms in map(estimated_worker_ms, sample[::step][:WORKER_SAMPLE_FILES]) if ms is not None]
+        if estimates and sum(estimates) / len(estimates) > (cores - 1) * EMBED_CPU_MS:
+            workers = cores
+    return max(1, min(8, workers))
+
+
+def estimated_worker_ms(path) -> float | None:
+    """A worker's CPU ms for one file, estimated from its header (pixels and transfer syntax); None when the file
+    is no image that can be sized this way (it is then left out of the estimate)."""
+    try:
+        if is_dicom_file(Path(path)):
+            import pydicom
+
+            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+            pixels = int(header.Rows) * int(header.Columns)
+            syntax = str(header.file_meta.TransferSyntaxUID)
+            codec = syntax.startswith(_CODEC_SYNTAX_PREFIX) and syntax not in _CHEAP_JPEG
+        else:
+            from PIL import Image
+
+            with Image.open(path) as image:  # reads the header only
+                pixels, codec = image.width * image.height, False
+    except Exception:  # not an image, unreadable, no Rows/Columns: the build itself will say why
+        return None
+    return pixels / 1e6 * (CODEC_MS_PER_MP if codec else OTHER_MS_PER_MP)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -532,14 +592,16 @@ class LocalExecutor:
     this process; DICOMweb fetches then overlap in threads) while this process embeds (the writer's embedder)."""
 
     def __init__(self, workers: int | None = None, chunk_size: int = 4):
-        self.workers = default_workers() if workers is None else max(0, workers)
+        self.workers = None if workers is None else max(0, workers)  # None: default_workers() for the source
         self.chunk_size = chunk_size
 
     @contextmanager
     def outcomes(self, images, todo: list, bundle, batch_size: int, report: BuildReport):
         """The outcomes of ``todo`` (not embedded), in completion order; the workers are stopped on leaving."""
-        pooled = Pooled(images.task(bundle.preprocess), _chunks(todo, self.chunk_size), images.pool(self.workers),
-                        images.in_flight(self.workers))
+        workers = default_workers(images.files(todo)) if self.workers is None else self.workers
+        report.workers = workers
+        pooled = Pooled(images.task(bundle.preprocess), _chunks(todo, self.chunk_size), images.pool(workers),
+                        images.in_flight(workers))
         try:
             yield pooled
         finally:

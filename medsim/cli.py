@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--index", type=Path, default=Path(DEFAULT_INDEX), help="index directory (default: %(default)s)")
     build.add_argument("--labels", type=Path, help="CSV with path and/or sop_uid, labels (|-separated), patient_id")
     _model_argument(build)
-    build.add_argument("--workers", type=int, help="decoding processes (default: cores - 1; 0 decodes in-process)")
+    build.add_argument("--workers", type=int, help="decoding processes (default: cores - 1, or every core when a few "
+                       "files' headers say decoding is the bottleneck, e.g. full-resolution DICOM; at most 8; 0 "
+                       "decodes in-process)")
     build.add_argument("--batch-size", type=int, default=16, help="images per embedding batch (default: %(default)s)")
     build.add_argument("--any-body-part", action="store_true", help="also index radiographs of other body parts")
     build.add_argument("--any-modality", action="store_true", help="index every 2-D image, whatever its modality")

@@ -5,6 +5,7 @@ Same answers: per syntax, the embeddings of the reduced decode against the full 
 per image, and mAP@10 within 0.005."""
 
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -165,8 +166,8 @@ def test_thumbnails_of_reduced_cases_match_the_catalog(export, bundle, tmp_path)
 
     out, _, _ = export
     index = tmp_path / "index"
-    report = build_index(out, index, bundle, workers=0, progress=False)
-    assert report.indexed > 0
+    report = build_index(out, index, bundle, progress=False)  # default workers: every core (decode-bound source)
+    assert report.indexed > 0 and report.workers == max(1, min(8, os.cpu_count() or 2))
     with CaseIndex.open(index) as opened:
         cases = opened.cases()
     assert any(case.pixel_hash.startswith("frame:") for case in cases)  # the reduced path was taken
@@ -174,3 +175,32 @@ def test_thumbnails_of_reduced_cases_match_the_catalog(export, bundle, tmp_path)
     for case in cases:
         response = client.get(f"/api/v1/cases/{case.sop_uid}/thumbnail")
         assert response.status_code == 200, (case.source_path, response.get_json())
+
+
+def test_default_workers_take_every_core_where_decoding_is_the_bottleneck(export):
+    """default_workers() sizes a source up from a few files' headers: the full-resolution slice (every syntax,
+    2,000-3,500 px: 30-300 ms of worker CPU per image, measured) is decode-bound, so every core decodes; the 512-px
+    dev JPEGs and the 1024-px shared DICOMs (3-16 ms) leave one core to the model (~25 ms per image). The sample
+    export is decode-bound too: its JPEG Lossless and whole-read JPEG 2000 files cost 40-220 ms each."""
+    from conftest import SAMPLE_DIR, SHARED_DICOM, sample_manifest
+
+    from medsim.build import EMBED_CPU_MS, default_workers, estimated_worker_ms
+
+    out, _, rows = export
+    slice_files = sorted(str(p) for p in out.rglob("*") if p.is_file())  # DICOMDIR, README and labels included
+    with open(SHARED_CXR / "labels.csv", newline="") as fh:
+        dev = [str(SHARED_CXR / r["path"]) for r in csv.DictReader(fh) if r["source"] in ("nih", "kermany")][:64]
+    shared_dicom = sorted(str(p) for p in SHARED_DICOM.glob("*.dcm"))
+    sample_manifest()
+    sample = sorted(str(p) for p in SAMPLE_DIR.rglob("*") if p.is_file())
+    for cores in (2, 3, 4):
+        assert default_workers(slice_files, cores) == cores
+        assert default_workers(dev, cores) == cores - 1
+        assert default_workers(shared_dicom, cores) == cores - 1
+        assert default_workers([], cores) == cores - 1  # nothing to size up (DICOMweb): as before
+    assert default_workers(sample, 2) == 2
+    assert default_workers(slice_files, 1) == 1 and default_workers(dev, 1) == 1 and default_workers(slice_files, 64) == 8
+    estimates = {row["syntax"]: estimated_worker_ms(out / row["path"]) for row in rows}
+    assert all(ms > EMBED_CPU_MS for ms in estimates.values()), estimates
+    assert all(estimated_worker_ms(f) < EMBED_CPU_MS for f in dev + shared_dicom)
+    assert estimated_worker_ms(out / "DICOMDIR") is None and estimated_worker_ms(out / "labels.csv") is None
