@@ -198,7 +198,9 @@ def read_image_file(path: Path, root: str | Path | None = None, max_pixels: int 
         raise ReadFailure("too-large", str(exc)) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ReadFailure("corrupt", f"{type(exc).__name__}: {exc}") from None
-    pixels = np.clip(np.asarray(stored, dtype=np.float32) / maximum, 0.0, 1.0)
+    pixels = np.array(stored, dtype=np.float32)  # scaled and clipped in place: the same float32 bits, no temporaries
+    np.divide(pixels, np.float32(maximum), out=pixels)
+    np.clip(pixels, 0.0, 1.0, out=pixels)
     relative = os.path.relpath(path, root) if root is not None else str(path.resolve())
     relative = Path(relative).as_posix()
     return Radiograph(
