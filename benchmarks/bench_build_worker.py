@@ -12,6 +12,8 @@ Sources: ``cxr`` (../shared/data/cxr, evenly spread over its labels: 512-px JPEG
 build benchmark reads them), ``cxr-dicom`` (its DICOM export, var/bench/cxr-dicom-800, when bench_build wrote it),
 ``sample`` (sample_data/pacs_export: 0.6-2.5 MP DICOMs in nine transfer syntaxes).
 
+Writes benchmarks/results/worker_profile.json (not ``build_*``: the report reads those as build runs).
+
     python -m benchmarks.bench_build_worker [--limit 150] [--source cxr --source sample] [--out NAME]
 """
 
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=150, help=f"files per source (at most {MAX_FILES})")
     parser.add_argument("--source", action="append", choices=("cxr", "cxr-dicom", "sample"),
                         help="repeatable (default: cxr, cxr-dicom when present, sample)")
-    parser.add_argument("--out", default="build_worker", help="result name under benchmarks/results")
+    parser.add_argument("--out", default="worker_profile", help="result name under benchmarks/results")
     args = parser.parse_args(argv)
     sources = args.source or ["cxr", "cxr-dicom", "sample"]
     path = write_result(args.out, run(sources, args.limit))
