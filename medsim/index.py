@@ -110,8 +110,8 @@ CREATE INDEX IF NOT EXISTS removed_study ON removed (study_uid);
 # SCHEMA on the first writable open of an older index; read-only readers of an index without it see no tombstones.
 
 # Columns added to `cases` after format 1 shipped, appended by a writable open of an older index (ALTER TABLE ADD
-# COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 256-bit perceptual hash of
-# the display pixels, 64 hex digits (medsim.duplicates.perceptual_hash); '' when not computed.
+# COLUMN keeps every row and fills in the default, so the format version stays 1). phash: 256-bit perceptual hash,
+# 64 hex digits, by the catalog's method (meta phash_method, medsim.phash); '' when not computed.
 # (`files.path` and `cases.source_path` hold a BLOB for a name that is not UTF-8; SQLite keeps a BLOB as is in a TEXT
 # column and such names could not be stored before, so older catalogs need no migration for it.)
 ADDED_COLUMNS = (("phash", "TEXT NOT NULL DEFAULT ''"),)
