@@ -406,7 +406,8 @@ def build(source: Path, labels: Path, index: Path, extra=()) -> dict:
             "build_seconds": round(data["seconds"], 1), "process_seconds": round(wall, 1),
             "images_per_s": round(data["images_per_second"], 3),
             "images_per_s_whole_process": round(data["indexed"] / wall, 3),
-            "printed_mode": mode_line.split(":", 1)[1].strip() if mode_line else None, "index_on_disk": disk,
+            "printed_mode": mode_line.split(":", 1)[1].strip() if mode_line else None, "workers": data.get("workers"),
+            "index_on_disk": disk,
             "load_average_before": load_before, "load_average_after": load_average(),
             "stdout_tail": result.stdout.strip().splitlines()[-4:]}
 

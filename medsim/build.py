@@ -89,6 +89,8 @@ class BuildReport:
                          "(all in the index's file ledger and in --report)")
         if self.interrupted:
             lines.append("interrupted: everything above is saved; run the same command again to resume")
+        if self.workers:
+            lines.append(f"decoding workers: {self.workers}")
         if self.embed_mode:
             lines.append(f"embedding mode: {self.embed_mode}")
         lines.append(f"{self.indexed} images in {self.seconds:.1f} s: {self.images_per_second:.2f} images/s")

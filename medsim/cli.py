@@ -246,6 +246,7 @@ def cmd_build_index(args) -> int:
             "duplicates": [{"path": d.path, "sop_uid": d.sop_uid, "detail": d.detail} for d in report.duplicates],
             "seconds": report.seconds, "images_per_second": report.images_per_second,
             "interrupted": report.interrupted, "model": bundle.name, "model_fingerprint": bundle.fingerprint,
+            "workers": report.workers,
         }, indent=2))
     if report.interrupted:
         return 130

@@ -168,6 +168,7 @@ def test_thumbnails_of_reduced_cases_match_the_catalog(export, bundle, tmp_path)
     index = tmp_path / "index"
     report = build_index(out, index, bundle, progress=False)  # default workers: every core (decode-bound source)
     assert report.indexed > 0 and report.workers == max(1, min(8, os.cpu_count() or 2))
+    assert f"decoding workers: {report.workers}" in report.summary_lines()
     with CaseIndex.open(index) as opened:
         cases = opened.cases()
     assert any(case.pixel_hash.startswith("frame:") for case in cases)  # the reduced path was taken
