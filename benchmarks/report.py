@@ -658,7 +658,8 @@ def write(results: Path = RESULTS, docs: Path = DOCS, plots: Path = PLOTS, notes
               "    python -m benchmarks --full --with-1m     # also torch.compile and the 1M-vector search",
               "    python -m benchmarks --only embed,search  # some of them; then: python -m benchmarks.report",
               "    python -m benchmarks.bench_decode --realistic  # issue 14: full-resolution export (generated once)",
-              "    python -m benchmarks.bench_build --realistic   # … and build-index per syntax on it", "",
+              "    python -m benchmarks.bench_build --realistic   # … and build-index per syntax on it",
+              "    python -m benchmarks.bench_build_worker        # a worker's CPU per stage (pHash methods)", "",
               "Benchmarks 2 and 3 need `../shared/data/cxr` (read at run time only; exports, vectors and indexes go "
               "to the git-ignored `var/bench/`); benchmark 5 needs Orthanc (`make orthanc`). Without them those "
               "sections say they were skipped. The numbers depend on what else runs on the machine: compare runs "
