@@ -135,7 +135,7 @@ def unpadded(grey: np.ndarray, source_shape: tuple[int, int]) -> np.ndarray:
     longest)``; SpatialPad symmetric: the smaller half before). A view, no copy."""
     size = grey.shape[-1]
     scale = size / max(source_shape)
-    rows, cols = (int(round(side * scale)) for side in source_shape)
+    rows, cols = (round(side * scale) for side in source_shape)
     top, left = (size - rows) // 2, (size - cols) // 2
     return grey.reshape(grey.shape[-2:])[top:top + rows, left:left + cols]
 
