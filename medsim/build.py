@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsim.dicom import ChestPolicy, is_dicom_file, read_dicom
+from medsim.dicom import ChestPolicy, check_structure, is_dicom_file, read_dicom, read_header
 from medsim.dicomweb import (DicomWebClient, InstanceRef, InstanceTooLarge, PacsError, PacsUnavailable,
                              is_dicomweb_url)
 from medsim.errors import ReadFailure, SkipFile, short
@@ -562,12 +562,11 @@ def estimated_worker_ms(path) -> float | None:
     """A worker's CPU ms for one file, estimated from its header (pixels and transfer syntax); None when the file
     is no image that can be sized this way (it is then left out of the estimate)."""
     try:
-        if is_dicom_file(Path(path)):
-            import pydicom
-
-            header = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns"])
+        if is_dicom_file(Path(path)):  # read as the worker reads it: structure walked first (bombs refused), values
+            structure = check_structure(path)  # over 1 KB left unread
+            header = read_header(Path(path))
             pixels = int(header.Rows) * int(header.Columns)
-            syntax = str(header.file_meta.TransferSyntaxUID)
+            syntax = structure.transfer_syntax
             codec = syntax.startswith(_CODEC_SYNTAX_PREFIX) and syntax not in _CHEAP_JPEG
         else:
             from PIL import Image
