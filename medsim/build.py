@@ -560,7 +560,8 @@ def default_workers(sample=(), cores: int | None = None) -> int:
 
 def estimated_worker_ms(path) -> float | None:
     """A worker's CPU ms for one file, estimated from its header (pixels and transfer syntax); None when the file
-    is no image that can be sized this way (it is then left out of the estimate)."""
+    is no image that can be sized this way, or one the reader refuses as too large (it is then left out of the
+    estimate)."""
     try:
         if is_dicom_file(Path(path)):  # read as the worker reads it: structure walked first (bombs refused), values
             structure = check_structure(path)  # over 1 KB left unread
@@ -574,6 +575,8 @@ def estimated_worker_ms(path) -> float | None:
             with Image.open(path) as image:  # reads the header only
                 pixels, codec = image.width * image.height, False
     except Exception:  # not an image, unreadable, no Rows/Columns: the build itself will say why
+        return None
+    if not 0 < pixels <= ChestPolicy().max_pixels:  # refused as too large before decoding: costs nothing
         return None
     return pixels / 1e6 * (CODEC_MS_PER_MP if codec else OTHER_MS_PER_MP)
 

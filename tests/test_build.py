@@ -200,3 +200,28 @@ def test_unreadable_folder_is_reported_and_the_rest_indexed(bundle, tmp_path, mo
     assert report.indexed == 1
     assert dict(report.failed) == {"unreadable": 1}
     assert report.failures[0].path.endswith("locked") and "Permission denied" in report.failures[0].detail
+
+
+def test_default_workers_size_up_hostile_files_without_reading_them(tmp_path):
+    """default_workers() reads a few headers of the source before the workers start, in the main process: on the
+    hostile corpus (deflate bombs, huge headers, lying lengths, truncations) it walks each file as the reader does
+    (structure first), sizes up the sound ones, skips the rest, and never allocates what a file claims."""
+    import tracemalloc
+
+    from hostile_corpus import build_corpus
+
+    from medsim.build import default_workers, estimated_worker_ms
+
+    build_corpus(tmp_path / "hostile", non_utf8_name=False)
+    files = sorted(str(p) for p in (tmp_path / "hostile").rglob("*") if p.is_file())
+    tracemalloc.start()
+    try:
+        estimates = [estimated_worker_ms(f) for f in files]
+        workers = default_workers(files, cores=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    sized = [ms for ms in estimates if ms is not None]
+    assert len(files) > 100 and 0 < len(sized) < len(files)  # the valid ones sized, the broken ones left out
+    assert all(0 <= ms < 10_000 for ms in sized) and workers in (1, 2)
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB"
