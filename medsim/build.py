@@ -15,8 +15,8 @@ import os
 import tempfile
 import time
 import uuid
-from collections import Counter
-from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from collections import Counter, deque
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -601,7 +601,7 @@ class LocalExecutor:
 
     @contextmanager
     def outcomes(self, images, todo: list, bundle, batch_size: int, report: BuildReport):
-        """The outcomes of ``todo`` (not embedded), in completion order; the workers are stopped on leaving."""
+        """The outcomes of ``todo`` (not embedded), in the order of ``todo``; the workers are stopped on leaving."""
         workers = default_workers(images.files(todo)) if self.workers is None else self.workers
         report.workers = workers
         pooled = Pooled(images.task(bundle.preprocess), _chunks(todo, self.chunk_size), images.pool(workers),
@@ -616,14 +616,15 @@ class LocalExecutor:
 
 
 class Pooled:
-    """Outcomes of ``task(chunk)`` for every chunk, with at most ``max_in_flight`` chunks queued on ``executor`` (in
-    completion order), or in order in this process when ``executor`` is None. The first chunks are submitted at
-    construction, so worker processes start and decode while the caller loads its model."""
+    """Outcomes of ``task(chunk)`` for every chunk, with at most ``max_in_flight`` chunks queued on ``executor``, or
+    in this process when ``executor`` is None; in the chunks' order either way, so the worker count never changes
+    which of two files with one SOP UID is indexed (the first listed) or anything else a build decides. The first
+    chunks are submitted at construction, so worker processes start and decode while the caller loads its model."""
 
     def __init__(self, task, chunks, executor: Executor | None, max_in_flight: int):
         self.task, self.executor, self.max_in_flight = task, executor, max(1, max_in_flight)
         self._queue = iter(chunks)
-        self._in_flight: set = set()
+        self._in_flight: deque = deque()
         if executor is not None:
             self._fill()
 
@@ -632,7 +633,7 @@ class Pooled:
             chunk = next(self._queue, None)
             if chunk is None:
                 return
-            self._in_flight.add(self.executor.submit(self.task, chunk))
+            self._in_flight.append(self.executor.submit(self.task, chunk))
 
     def __iter__(self):
         if self.executor is None:
@@ -643,9 +644,7 @@ class Pooled:
             self._fill()
             if not self._in_flight:
                 return
-            done, self._in_flight = wait(self._in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield from future.result()
+            yield from self._in_flight.popleft().result()
 
     def close(self) -> None:
         """Cancel what has not started and stop the workers (also after Ctrl-C or an error)."""
