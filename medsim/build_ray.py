@@ -9,7 +9,9 @@ on the cluster, as one Ray Data pipeline:
                                                              nodes: its default scheduling strategy is SPREAD)
       → map_batches(_Embed, ActorPoolStrategy(size=N))       stateful actors holding the model: one GPU each
                                                              (num_gpus=1) when the cluster has GPUs, else one CPU
-      → iter_batches on this process                         outcomes with their vectors → the writer
+                                                             reserved and the cluster's CPUs / N torch threads
+      → iter_batches on this process                         outcomes with their vectors, in the files' order,
+                                                             → the writer
 
 The model bundle travels through the object store (the nodes need medsim installed, not the bundle); each actor
 verifies its fingerprint and picks its device's numeric mode by the local rules
@@ -103,8 +105,12 @@ class RayExecutor:
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled": ours
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the writer's bar is the one progress bar
-        context.execution_options.preserve_order = False
-        actors, gpus_per_actor, device = self.plan(ray.cluster_resources())
+        # in the files' order, as the local build: which of two files with one SOP UID is indexed must not depend on
+        # which task finished first
+        context.execution_options.preserve_order = True
+        resources = ray.cluster_resources()
+        actors, gpus_per_actor, device = self.plan(resources)
+        threads = max(1, int(resources.get("CPU", 1)) // actors)
         per_task = self.items_per_task or batch_size
         items = ray.data.from_items([{"item": pickle.dumps(item)} for item in todo],
                                     override_num_blocks=max(1, math.ceil(len(todo) / per_task)))
@@ -116,11 +122,16 @@ class RayExecutor:
             num_gpus=gpus_per_actor, num_cpus=1, memory=ACTOR_MEMORY_BYTES,
             fn_constructor_kwargs={"bundle_files": [ray.put(_bundle_files(bundle.path))],
                                    "fingerprint": bundle.fingerprint, "batch_size": batch_size,
-                                   "device": device, "env": env})
+                                   "device": device, "threads": threads, "env": env})
 
     def plan(self, resources: dict) -> tuple[int, int, str]:
         """(embedding actors, GPUs per actor, their device) for a cluster's resources (``ray.cluster_resources()``):
-        one actor per GPU, each holding one (``cuda``), when the cluster has GPUs; else CPU actors."""
+        one actor per GPU, each holding one (``cuda``), when the cluster has GPUs; else CPU actors.
+
+        A CPU actor reserves one CPU but embeds with the cluster's CPUs / actors threads, as a local build embeds on
+        every core while its decoding workers share them: decoding a 512-px image costs ~1/7 of embedding it, so the
+        CPUs reserved for the decoding tasks would otherwise idle (one thread per actor on 2 cores: 78 % of the
+        local build's steady rate, docs/performance.md)."""
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         if gpus:
             return self.actors or gpus, 1, "cuda"
@@ -218,7 +229,7 @@ class _Embed:
     """Embedding actor: the bundle written to a local folder and verified, the model loaded once; embeds the batch's
     prepared images and passes every outcome on with its vector (and without its image)."""
 
-    def __init__(self, bundle_files: list, fingerprint: str, batch_size: int, device: str, env: dict):
+    def __init__(self, bundle_files: list, fingerprint: str, batch_size: int, device: str, threads: int, env: dict):
         import ray
         import torch
 
@@ -235,8 +246,8 @@ class _Embed:
             bundle = ModelBundle.load(self._folder.name)
             if bundle.fingerprint != fingerprint:
                 raise ModelMismatch(f"the bundle here is {bundle.fingerprint}, the index needs {fingerprint}")
-            if device == "cpu":  # the threads of the CPUs Ray gave this actor, as a local build uses its cores
-                torch.set_num_threads(max(1, int(context.get_assigned_resources().get("CPU", 1))))
+            if device == "cpu":
+                torch.set_num_threads(threads)
             self.embedder = bundle.embedder(device=device, batch_size=batch_size)  # embedding_plan's device and mode
         except MedsimError as exc:
             gpus = context.get_accelerator_ids().get("GPU") or []
