@@ -127,7 +127,9 @@ def run(images: int = 480, builds_wanted=BUILDS) -> dict:
               for name, b in builds.items() if name != "local"}
     return {"machine": machine(), "images": images, "source": "../shared/data/cxr JPEGs (512 px), kermany/nih/rsna",
             "builds": builds, "ratio_to_local": ratios,
-            "note": "one shared 2-core VM: other engineers' jobs ran at the same time (load averages recorded)"}
+            "note": ("one 2-core VM, quiet: nothing else ran (the load averages are the builds' own)"
+                     if local["load_average_before"][0] < 1.0 else
+                     "one shared 2-core VM: other engineers' jobs ran at the same time (load averages recorded)")}
 
 
 def _cluster_builds(source) -> dict:
@@ -193,19 +195,20 @@ def section_ray(results=None) -> list[str]:
             + f" ({m['cpu']}, {m['logical_cpus']} logical CPUs, created {data['created_at']}): {data['images']} JPEG "
             "radiographs of the dev set (512 px) indexed from scratch, each build in a fresh process with the default "
             "bundle and mode. *local*: `build-index` as it runs by default; *ray-local*: `build-index --ray` (a Ray "
-            "started for the run on this machine, 2 CPUs: one embedding actor, one decoding task at a time)"
+            "started for the run on this machine, 2 CPUs: one embedding actor of 2 torch threads, one decoding task at a "
+            "time)"
             + ("; *cluster-1/-2*: `--ray ADDRESS` on a cluster of this machine with a head without CPUs and 1 then 2 "
-               "worker nodes of 2 logical CPUs each -- on the same 2 physical cores, so the curve shows Ray's "
-               "overhead, not more hardware" if "cluster-1" in data["builds"] else "")
+               "worker nodes of 2 logical CPUs each (1 then 2 actors of 2 threads) -- on the same 2 physical cores, "
+               "so the curve shows Ray's overhead, not more hardware" if "cluster-1" in data["builds"] else "")
             + f". **{data['note']}.**", "", *_table(data)]
     lines += [
         "Steady = images committed after the first batch / the time since (start-up excluded: Ray start or "
         "connection, actor start, model load). First commit = seconds from the start to the first committed batch; "
         "Ray connect = `ray.init` (starting a Ray for the run, or joining the cluster); teardown = after the last "
         "commit (stopping the Ray this build started). Goal: the Ray path ≥ 85 % of the local path's throughput. "
-        + ("A ratio above 100 % here is not Ray's doing: under load the local embedder's two torch threads wait on "
-           "each other while each actor runs one, and more processes take a larger share of a contended machine "
-           "([scaling](scaling.md#measured-on-this-machine)). "
+        + ("A steady ratio above 100 % is not Ray embedding faster: both embed with the same threads, and "
+           "the rest is the noise of a VM (a few per cent when quiet) or, under load, processes taking a larger share "
+           "of a contended machine ([scaling](scaling.md#measured-on-this-machine)). "
            if any((r.get("steady") or 0) > 1 for d in found.values() for r in d["ratio_to_local"].values()) else "")
         + "Cost model for 10^6-10^7 images: [scaling](scaling.md#how-many-nodes-the-cost-model).", ""]
     return lines

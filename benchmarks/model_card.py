@@ -36,6 +36,10 @@ EXPERIMENTS = {
     "gem": ("default + GeM pooling (p = 3): a strong local response weighs more than in the average",
             ["--pooling", "gem"]),
     "e20": ("default, up to 20 epochs (patience 4)", ["--epochs", "20"]),
+    "nonn": ("default, without training on RSNA's catch-all label (Not Normal (no lung opacity): 474 training "
+             "images whose findings differ)", ["--leave-out", "label=Not Normal (no lung opacity)"]),
+    "old": ("default, trained only on the sources of the 2,391-image folder (no nih2, no rsna): does the grown "
+            "folder help?", ["--leave-out", "source=nih2", "--leave-out", "source=rsna"]),
     "r05sb": ("rarity 0.5 + source-balanced batches (0.5)", ["--rarity", "0.5", "--cross-source", "1",
                                                              "--source-balance", "0.5"]),
     "r05adv": ("rarity 0.5 + adversarial source head (0.1)", ["--rarity", "0.5", "--cross-source", "1",

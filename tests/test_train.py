@@ -14,7 +14,10 @@ import torch
 from medsim.cli import main
 from medsim.model import ModelBundle, resolve_bundle
 from medsim.train.data import (
+    SplitSet,
+    TrainDataError,
     TrainRecord,
+    TrainSet,
     VocabularyError,
     load_train_set,
     map_vocabulary,
@@ -249,6 +252,30 @@ def test_patient_split_is_seeded_disjoint_and_keeps_patients_together():
     val_patients = {records[i].patient_id for i in va}
     assert all(records[i].patient_id not in val_patients for i in tr)  # nih and nih64 images stay together
     assert any(records[i].source == "kermany" for i in va) and any(records[i].source == "nih" for i in va)
+
+
+def test_leave_out_trains_on_fewer_images_and_validates_on_the_same():
+    """--leave-out on the dev set's own labels: RSNA images, or those labelled with its catch-all "Not Normal (no lung
+    opacity)", leave training only; the split and the validation queries stay as they were, so runs compare paired."""
+    with open(SHARED_CXR / "labels.csv", newline="") as f:
+        records = [TrainRecord(path=str(SHARED_CXR / r["path"]), rel_path=r["path"], sha256=r["path"],
+                               labels=tuple(r["labels"].split("|")), patient_id=r["patient_id"], source=r["source"])
+                   for r in csv.DictReader(f)]
+    vocabulary = sorted({label for r in records for label in r.labels})
+    data = SplitSet.of(TrainSet(SHARED_CXR, SHARED_CXR / "labels.csv", records, vocabulary), patient_split(records))
+    catch_all = "Not Normal (no lung opacity)"
+    fewer = data.leaving_out([f"label={catch_all}"])
+    assert np.array_equal(fewer.val_idx, data.val_idx) and fewer.split == data.split
+    assert set(fewer.train_idx) < set(data.train_idx)
+    assert not any(catch_all in records[i].labels for i in fewer.train_idx)
+    assert any(catch_all in records[i].labels for i in fewer.val_idx)
+    old = data.leaving_out(["source=rsna", "source=nih2"])
+    assert {records[i].source for i in old.train_idx} == {records[i].source for i in data.train_idx} - {"rsna", "nih2"}
+    assert fewer.label_frequency()[catch_all] == 0.0 < data.label_frequency()[catch_all]
+    with pytest.raises(TrainDataError, match="matches no training image; the sources are: .*kermany"):
+        data.leaving_out(["source=mimic"])
+    with pytest.raises(TrainDataError, match="source=NAME or label=NAME"):
+        data.leaving_out(["view=PA"])
 
 
 def test_losses_follow_the_retrieval_relevance():

@@ -304,6 +304,23 @@ class SplitSet:
     def validation_records(self) -> list[TrainRecord]:
         return [self.train_set.records[i] for i in self.val_idx]
 
+    def leaving_out(self, rules: Sequence[str]) -> "SplitSet":
+        """The same split with the training images that match a rule (``source=NAME`` or ``label=NAME``) left out
+        of training; validation is untouched, so runs with and without them are compared on the same queries."""
+        keep = np.ones(len(self.train_idx), dtype=bool)
+        for rule in rules:
+            key, sep, value = rule.partition("=")
+            if not sep or key not in ("source", "label") or not value:
+                raise TrainDataError(f"--leave-out {rule!r}: use source=NAME or label=NAME")
+            records = [self.train_set.records[i] for i in self.train_idx]
+            hit = np.array([(r.source == value) if key == "source" else (value in r.labels) for r in records])
+            if not hit.any():
+                values = sorted({r.source for r in records} if key == "source" else set(self.vocabulary))
+                raise TrainDataError(f"--leave-out {rule!r} matches no training image; the {key}s are: "
+                                     f"{', '.join(values)}")
+            keep &= ~hit
+        return SplitSet(self.train_set, self.split, self.train_idx[keep], self.val_idx)
+
     def label_frequency(self) -> dict[str, float]:
         """Share of training images with each label of the vocabulary."""
         frequency = self.train_set.targets(self.vocabulary)[self.train_idx].mean(0).tolist()

@@ -174,6 +174,11 @@ class Trainer:
                 train_set = remap(train_set, mapping, self.base.label_vocabulary)
             split = patient_split(train_set.records, cfg.validation_fraction, cfg.seed)
         data = SplitSet.of(train_set, split)
+        if cfg.leave_out:
+            before = len(data.train_idx)
+            data = data.leaving_out(cfg.leave_out)
+            self.say(f"--leave-out {', '.join(cfg.leave_out)}: {before - len(data.train_idx)} of {before} training "
+                     f"images left out of training (validation unchanged)")
         if len(data.train_idx) == 0 or len(data.val_idx) < 2:
             raise TrainDataError(f"the split leaves {len(data.train_idx)} training and {len(data.val_idx)} "
                                  f"validation images: more labeled patients are needed")
