@@ -3,6 +3,7 @@ and indexes, an interrupted run resumes, and a bundle refuses labels its vocabul
 vocabulary mapping and losses on their own."""
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -110,6 +111,23 @@ def test_tiny_training_run_writes_a_loadable_bundle(trained, tiny):
 
     vectors = bundle.embedder().embed([np.random.default_rng(0).random((300, 260), dtype=np.float32)])
     assert vectors.shape == (1, 512) and abs(float(np.linalg.norm(vectors)) - 1.0) < 1e-5
+
+
+def test_a_larger_input_is_trained_for_and_carried_by_the_bundle(tiny, tmp_path, capsys):
+    """--image-size: the bundle letterboxes to the size it was trained at (build-index embeds as training did: the
+    export's consistency check), and sizes VGG-16 cannot pool evenly are refused with one line."""
+    out = tmp_path / "b288"
+    args = ["train", "--images", str(tiny), "--labels", str(tiny / "labels.csv"), *FAST, "--epochs", "1",
+            "--no-int8-check"]
+    assert main([*args, "--out", str(out), "--image-size", "288"]) == 0
+    bundle = ModelBundle.load(out)
+    assert bundle.preprocess.image_size == 288
+    assert bundle.preprocess == dataclasses.replace(resolve_bundle("imagenet").preprocess, image_size=288)
+    assert bundle.extra["consistency_check"]["min_cosine_bundle_vs_training_path"] > 0.99
+    assert bundle.extra["training"]["hyperparameters"]["image_size"] == 288
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "b300"), "--image-size", "300"]) == 2
+    assert "--image-size 300: use a multiple of 16" in capsys.readouterr().err
 
 
 def test_the_bundle_carries_int8_calibration_and_its_check(trained, tiny):

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source-balance", type=float, default=d.source_balance,
                         help="draw training images with weight (images of their source family) ** -S (1: every "
                         "family equally often; 0: uniform) (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, metavar="PIXELS",
+                        help="side of the square model input the bundle is trained for and embeds at (default: the "
+                        "starting bundle's, 224); a larger input keeps small findings larger in the trainable maps and "
+                        "costs (PIXELS/224)^2 in the activation cache, training and every embedding")
     parser.add_argument("--leave-out", action="append", default=[], metavar="source=NAME|label=NAME",
                         help="leave the training images of this source, or with this label, out of training; the "
                         "split and the validation images stay the same, so a run with and one without them compare "
@@ -120,7 +124,7 @@ def command(args) -> int:
         weight_decay=args.weight_decay, temperature=args.temperature, views=args.views,
         feature_augment=args.feature_augment, validation_fraction=args.validation_fraction, seed=args.seed,
         select=args.select, rarity=args.rarity, cross_source=args.cross_source,
-        source_balance=args.source_balance, adversary=args.adversary, leave_out=list(args.leave_out), init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
+        source_balance=args.source_balance, adversary=args.adversary, leave_out=list(args.leave_out), image_size=args.image_size, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
         workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch, int8_check=not args.no_int8_check,
         feedback=str(args.feedback) if args.feedback else None, feedback_weight=args.feedback_weight,
     )

@@ -28,6 +28,7 @@ class TrainConfig:
     objective: str = "bce+supcon"
     train_layers: str = "conv5_3"
     pooling: str = "gap"
+    image_size: int | None = None  # side of the square model input (None: the starting bundle's, 224)
     embedding_dim: int = 512
     epochs: int = 12
     patience: int = 4
@@ -59,11 +60,12 @@ class TrainConfig:
     RESUME_KEYS = ("objective", "train_layers", "pooling", "embedding_dim", "batch_size", "lr", "head_lr",
                    "weight_decay", "temperature", "views", "feature_augment", "validation_fraction", "seed",
                    "select", "init", "rarity", "cross_source", "source_balance", "adversary", "feedback",
-                   "feedback_weight", "leave_out")
+                   "feedback_weight", "leave_out", "image_size")
 
     # what a run recorded before a setting existed was trained with (--resume compares against these)
     LEGACY: ClassVar[dict] = {"rarity": 0.0, "cross_source": 1.0, "source_balance": 0.0, "adversary": 1.0,
-                              "feedback": None, "feedback_weight": 1.0, "leave_out": []}
+                              "feedback": None, "feedback_weight": 1.0, "leave_out": [],
+                              "image_size": None}
 
     def hyperparameters(self) -> dict:
         return {k: getattr(self, k) for k in self.RESUME_KEYS + ("epochs", "patience", "max_steps_per_epoch")}

@@ -21,7 +21,7 @@ from medsim.model import Embedder, ModelBundle
 from medsim.model.network import features_to_network_state_dict, load_network, network_config
 from medsim.model.quantize import MAX_MAP_LOSS, Int8Calibration, display_pixels, save_calibration
 from medsim.model.weights import VGG16_CITATION
-from medsim.preprocess import prepare
+from medsim.preprocess import PreprocessSpec, prepare
 from medsim.train.config import TRAIN_LAYERS, TrainConfig, TrainError
 from medsim.train.data import SplitSet
 from medsim.train.datasets import INPUT
@@ -65,11 +65,13 @@ def bundle_state(net: RetrievalNet, base_state: Mapping[str, torch.Tensor]) -> d
 
 
 def write_bundle(out: Path, *, config: TrainConfig, net: RetrievalNet, val_ds, data: SplitSet, base: ModelBundle,
-                 base_state: Mapping[str, torch.Tensor], final: dict, baseline: dict, history: list[dict],
+                 spec: PreprocessSpec, base_state: Mapping[str, torch.Tensor], final: dict, baseline: dict,
+                 history: list[dict],
                  best_epoch: int, wall: float, timings: dict, device: torch.device, overwrite: bool,
                  say: Callable[[str], None]) -> ModelBundle:
-    """Write the bundle of ``net`` (the best checkpoint) to ``out`` after checking that it embeds the validation
-    images as training did; with ``config.int8_check`` also its int8 calibration images and check."""
+    """Write the bundle of ``net`` (the best checkpoint), with the preprocessing it was trained with (``spec``), to
+    ``out`` after checking that it embeds the validation images as training did; with ``config.int8_check`` also its
+    int8 calibration images and check."""
     cfg = config
     state = bundle_state(net, base_state)
     projection = {"type": "linear", "in_dim": 512, "out_dim": cfg.embedding_dim, "bias": True}
@@ -104,14 +106,14 @@ def write_bundle(out: Path, *, config: TrainConfig, net: RetrievalNet, val_ds, d
         "classifier": net.classifier_json(data.vocabulary),
         "code_version": code_version(),
     }
-    extra["consistency_check"] = consistency_check(state, projection, net, val_ds, data=data, base=base,
+    extra["consistency_check"] = consistency_check(state, projection, net, val_ds, data=data, spec=spec,
                                                    pooling=cfg.pooling, device=device)
     calibration = None
     if cfg.int8_check:
-        calibration = int8_check(state, projection, data=data, base=base, pooling=cfg.pooling, seed=cfg.seed,
+        calibration = int8_check(state, projection, data=data, spec=spec, pooling=cfg.pooling, seed=cfg.seed,
                                  say=say)
         extra["int8"] = calibration.check
-    bundle = ModelBundle.create(out, state, name=cfg.name, preprocess=base.preprocess, pooling=cfg.pooling,
+    bundle = ModelBundle.create(out, state, name=cfg.name, preprocess=spec, pooling=cfg.pooling,
                                 projection=projection, provenance=provenance, label_vocabulary=data.vocabulary,
                                 extra=json_safe(extra), overwrite=overwrite or out.exists())
     if calibration is not None:
@@ -119,14 +121,14 @@ def write_bundle(out: Path, *, config: TrainConfig, net: RetrievalNet, val_ds, d
     return bundle
 
 
-def int8_check(state: dict, projection: dict, *, data: SplitSet, base: ModelBundle, pooling: str, seed: int,
+def int8_check(state: dict, projection: dict, *, data: SplitSet, spec: PreprocessSpec, pooling: str, seed: int,
                say: Callable[[str], None], n_calibration: int = 32) -> Int8Calibration:
     """Calibration images for the int8 mode (seeded training images, across sources) and its check (``.check``):
     validation mAP@10 with int8 against float32, both through the bundle's ``Embedder`` from the pixels, as
     build-index embeds. int8 becomes the bundle's default (on CPUs with VNNI) only if it loses at most
     MAX_MAP_LOSS."""
     t0 = time.perf_counter()
-    spec, root, records = base.preprocess, data.train_set.root, data.train_set.records
+    root, records = data.train_set.root, data.train_set.records
     rng = np.random.default_rng(seed)
     chosen = rng.choice(np.asarray(data.train_idx), size=min(n_calibration, len(data.train_idx)), replace=False)
     prepared = np.stack([prepare(load_radiograph(records[i].path, root), spec).array for i in sorted(chosen)])
@@ -156,11 +158,11 @@ def int8_check(state: dict, projection: dict, *, data: SplitSet, base: ModelBund
 
 
 def consistency_check(state: dict, projection: dict, net: RetrievalNet, val_ds, *, data: SplitSet,
-                      base: ModelBundle, pooling: str, device: torch.device, n: int = 4) -> dict:
+                      spec: PreprocessSpec, pooling: str, device: torch.device, n: int = 4) -> dict:
     """The bundle's network used as build-index uses it (pixels -> Embedder) must embed the validation images like
     the training path did (cached float16 activations -> trained tail): min cosine over a few images."""
     config = network_config("vgg16", "conv5_3", pooling, projection)
-    embedder = Embedder(load_network(config, state), base.preprocess)
+    embedder = Embedder(load_network(config, state), spec)
     records = data.validation_records[:n]
     direct = embedder.embed([load_radiograph(r.path, data.train_set.root) for r in records])
     net.eval()

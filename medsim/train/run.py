@@ -21,7 +21,7 @@ import copy
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +142,11 @@ class Trainer:
         for note in train_set.notes:
             self.say(f"note: {note}")
         self.base = self._base_bundle()
+        # the model input: the starting bundle's preprocessing, at --image-size when given
+        if cfg.image_size is not None and not (64 <= cfg.image_size <= 1024 and cfg.image_size % 16 == 0):
+            raise TrainError(f"--image-size {cfg.image_size}: use a multiple of 16 from 64 to 1024 (VGG-16 halves "
+                             "the maps four times before conv5_3)")
+        self.spec = replace(self.base.preprocess, image_size=cfg.image_size or self.base.preprocess.image_size)
         if existing is not None:
             try:
                 vocabulary = existing["label_vocabulary"]
@@ -277,7 +282,7 @@ class Trainer:
             })
         self.base_state = self.base.state_dict()
         self.base_features = load_network(self.base.network_config, self.base_state).features
-        train_ds, val_ds = build_datasets(data, spec=self.base.preprocess, base_features=self.base_features,
+        train_ds, val_ds = build_datasets(data, spec=self.spec, base_features=self.base_features,
                                           start=self.start, views=cfg.views, seed=cfg.seed, device=self.device,
                                           progress=self.progress, say=self.say, timings=self.timings)
 
@@ -328,7 +333,7 @@ class Trainer:
         wall = self._elapsed()
         self.timings["cpu_seconds_this_invocation"] = time.process_time() - cpu_started
         bundle = write_bundle(self.out, config=cfg, net=net, val_ds=val_ds, data=data, base=self.base,
-                              base_state=self.base_state, final=final, baseline=baseline, history=history,
+                              spec=self.spec, base_state=self.base_state, final=final, baseline=baseline, history=history,
                               best_epoch=best_epoch, wall=wall, timings=self.timings, device=self.device,
                               overwrite=self.overwrite, say=self.say)
         self.folder.update(status="finished", bundle=str(self.out), bundle_fingerprint=bundle.fingerprint,
