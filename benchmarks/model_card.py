@@ -138,9 +138,13 @@ def tables(out: Path) -> str:
                      f"({_ci(nf.get('macro_ci95'))}) | {_f(nf.get('random_macro'))} | {_f(nf.get('lift'))} | "
                      f"{_f(v.get('same_source_at_10_cross'))} | {_f(v.get('break_even', {}).get('precision'))} | "
                      f"{_f(r.get('timings', {}).get('train_seconds'), 0)} | {_f(r.get('wall_seconds'), 0)} |")
-    diffs = paired(out, list(reports))
-    if diffs:
-        lines += ["", "Paired differences to `base` (95 % patient-bootstrap intervals):", "",
+    # against the recipe before issue 18 (the goals), and against today's default (what each change to it does)
+    for reference in ("base", "default"):
+        diffs = paired(out, [n for n in reports if reference == "base" or n not in ("base", "r05", "r1", "x2")],
+                       reference)
+        if not diffs:
+            continue
+        lines += ["", f"Paired differences to `{reference}` (95 % patient-bootstrap intervals):", "",
                   "| run | mAP@10 | NIH mAP@10 | NIH per-finding macro mAP@10 |", "|---|---|---|---|"]
         for name, d in diffs.items():
             cells = []

@@ -113,17 +113,14 @@ def test_cluster_build_equals_the_local_build(ray_cluster, export, local_fp32, t
             Counter((f.status, f.reason) for f in local_index.file_records())
         assert len(ray_index.file_records()) == len(local_index.file_records()) == 34
         by_path = {c.source_path: c for c in local_index.cases()}
-        assert {c.sop_uid for c in ray_index.cases()} == {c.sop_uid for c in by_path.values()}
-        compared = 0
+        # the same files: of two with one SOP UID (the sample's copies) both builds index the first listed, since
+        # outcomes arrive in the files' order on Ray as locally, whichever task finishes first
+        assert {c.source_path for c in ray_index.cases()} == set(by_path)
         for case in ray_index.cases():
-            twin = by_path.get(case.source_path)
-            if twin is None:  # the SIIM file or its MONOCHROME1 twin (same SOP UID): the first read wins
-                continue
-            assert (case.patient_id, case.labels, case.pixel_hash, case.view) == \
-                (twin.patient_id, twin.labels, twin.pixel_hash, twin.view)
+            twin = by_path[case.source_path]
+            assert (case.sop_uid, case.patient_id, case.labels, case.pixel_hash, case.view) == \
+                (twin.sop_uid, twin.patient_id, twin.labels, twin.pixel_hash, twin.view)
             assert float(ray_index.vector(case.sop_uid) @ local_index.vector(twin.sop_uid)) >= 0.9999
-            compared += 1
-        assert compared >= 25
 
 
 def test_rerun_on_the_cluster_reads_only_what_is_new(ray_cluster, export, local_fp32, bundle, tmp_path):
