@@ -124,7 +124,8 @@ def command(args) -> int:
         weight_decay=args.weight_decay, temperature=args.temperature, views=args.views,
         feature_augment=args.feature_augment, validation_fraction=args.validation_fraction, seed=args.seed,
         select=args.select, rarity=args.rarity, cross_source=args.cross_source,
-        source_balance=args.source_balance, adversary=args.adversary, leave_out=list(args.leave_out), image_size=args.image_size, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
+        source_balance=args.source_balance, adversary=args.adversary, leave_out=list(args.leave_out),
+        image_size=args.image_size, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
         workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch, int8_check=not args.no_int8_check,
         feedback=str(args.feedback) if args.feedback else None, feedback_weight=args.feedback_weight,
     )

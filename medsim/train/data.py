@@ -307,12 +307,12 @@ class SplitSet:
     def leaving_out(self, rules: Sequence[str]) -> "SplitSet":
         """The same split with the training images that match a rule (``source=NAME`` or ``label=NAME``) left out
         of training; validation is untouched, so runs with and without them are compared on the same queries."""
-        keep = np.ones(len(self.train_idx), dtype=bool)
+        records = [self.train_set.records[i] for i in self.train_idx]
+        keep = np.ones(len(records), dtype=bool)
         for rule in rules:
             key, sep, value = rule.partition("=")
             if not sep or key not in ("source", "label") or not value:
                 raise TrainDataError(f"--leave-out {rule!r}: use source=NAME or label=NAME")
-            records = [self.train_set.records[i] for i in self.train_idx]
             hit = np.array([(r.source == value) if key == "source" else (value in r.labels) for r in records])
             if not hit.any():
                 values = sorted({r.source for r in records} if key == "source" else set(self.vocabulary))

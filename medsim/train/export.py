@@ -66,9 +66,8 @@ def bundle_state(net: RetrievalNet, base_state: Mapping[str, torch.Tensor]) -> d
 
 def write_bundle(out: Path, *, config: TrainConfig, net: RetrievalNet, val_ds, data: SplitSet, base: ModelBundle,
                  spec: PreprocessSpec, base_state: Mapping[str, torch.Tensor], final: dict, baseline: dict,
-                 history: list[dict],
-                 best_epoch: int, wall: float, timings: dict, device: torch.device, overwrite: bool,
-                 say: Callable[[str], None]) -> ModelBundle:
+                 history: list[dict], best_epoch: int, wall: float, timings: dict, device: torch.device,
+                 overwrite: bool, say: Callable[[str], None]) -> ModelBundle:
     """Write the bundle of ``net`` (the best checkpoint), with the preprocessing it was trained with (``spec``), to
     ``out`` after checking that it embeds the validation images as training did; with ``config.int8_check`` also its
     int8 calibration images and check."""

@@ -333,8 +333,8 @@ class Trainer:
         wall = self._elapsed()
         self.timings["cpu_seconds_this_invocation"] = time.process_time() - cpu_started
         bundle = write_bundle(self.out, config=cfg, net=net, val_ds=val_ds, data=data, base=self.base,
-                              spec=self.spec, base_state=self.base_state, final=final, baseline=baseline, history=history,
-                              best_epoch=best_epoch, wall=wall, timings=self.timings, device=self.device,
+                              spec=self.spec, base_state=self.base_state, final=final, baseline=baseline,
+                              history=history, best_epoch=best_epoch, wall=wall, timings=self.timings, device=self.device,
                               overwrite=self.overwrite, say=self.say)
         self.folder.update(status="finished", bundle=str(self.out), bundle_fingerprint=bundle.fingerprint,
                            wall_seconds=wall)
