@@ -127,9 +127,7 @@ def run(images: int = 480, builds_wanted=BUILDS) -> dict:
               for name, b in builds.items() if name != "local"}
     return {"machine": machine(), "images": images, "source": "../shared/data/cxr JPEGs (512 px), kermany/nih/rsna",
             "builds": builds, "ratio_to_local": ratios,
-            "note": ("one 2-core VM, quiet: nothing else ran (the load averages are the builds' own)"
-                     if local["load_average_before"][0] < 1.0 else
-                     "one shared 2-core VM: other engineers' jobs ran at the same time (load averages recorded)")}
+            "note": "one 2-core VM; the 1-minute load average before and after each build is recorded with it"}
 
 
 def _cluster_builds(source) -> dict:
