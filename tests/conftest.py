@@ -3,6 +3,7 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from functools import lru_cache
@@ -87,6 +88,15 @@ def _shared_data_users(module_path: str) -> frozenset[str]:
                 reaching |= assigned
                 changed = True
     return frozenset(reaching & functions.keys())
+
+
+def pytest_report_header(config):
+    """Free disk where the run writes: a full disk shows up as many unrelated errors, so the header says it first."""
+    import tempfile
+
+    places = {"temp": Path(tempfile.gettempdir()), "checkout": ROOT}
+    return "free disk: " + ", ".join(f"{name} {shutil.disk_usage(path).free / 2**30:.1f} GiB ({path})"
+                                     for name, path in places.items())
 
 
 def pytest_collection_modifyitems(config, items):
