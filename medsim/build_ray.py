@@ -35,6 +35,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -225,9 +226,40 @@ def _read_batch(batch: dict, task) -> dict:
     return {"outcome": [pickle.dumps(o, protocol=5) for o in outcomes]}
 
 
+def bundle_folders() -> Path:
+    """Where embedding actors copy the bundle on a node: one folder per actor process, under the node's temp folder."""
+    return Path(tempfile.gettempdir()) / f"medsim-ray-bundles-{os.getuid()}"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _actor_bundle_folder() -> Path:
+    """An empty folder for this actor's copy of the bundle. Ray kills surplus or orphaned actors without running
+    their cleanup, sometimes while they load: the folders of actors that are gone are removed first, so a kill
+    leaves at most one stale copy per node until the next actor starts."""
+    root = bundle_folders()
+    root.mkdir(mode=0o700, exist_ok=True)
+    for folder in root.iterdir():
+        if not folder.name.isdigit() or not _process_alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = root / str(os.getpid())
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
 class _Embed:
-    """Embedding actor: the bundle written to a local folder and verified, the model loaded once; embeds the batch's
-    prepared images and passes every outcome on with its vector (and without its image)."""
+    """Embedding actor: the bundle written to a folder of the node (:func:`bundle_folders`), verified and loaded
+    once, the folder removed; embeds the batch's prepared images and passes every outcome on with its vector (and
+    without its image)."""
 
     def __init__(self, bundle_files: list, fingerprint: str, batch_size: int, device: str, threads: int, env: dict):
         import ray
@@ -236,14 +268,14 @@ class _Embed:
         from medsim.model import ModelBundle
 
         os.environ.update(env)
-        self._folder = tempfile.TemporaryDirectory(prefix="medsim-bundle-")
-        for name, data in ray.get(bundle_files[0]).items():
-            path = Path(self._folder.name) / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
         context = ray.get_runtime_context()
+        folder = _actor_bundle_folder()  # the files live only while the model loads
         try:
-            bundle = ModelBundle.load(self._folder.name)
+            for name, data in ray.get(bundle_files[0]).items():
+                path = folder / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+            bundle = ModelBundle.load(folder)
             if bundle.fingerprint != fingerprint:
                 raise ModelMismatch(f"the bundle here is {bundle.fingerprint}, the index needs {fingerprint}")
             if device == "cpu":
@@ -254,6 +286,8 @@ class _Embed:
             where = f"Ray node {ray.util.get_node_ip_address()} (ID {context.get_node_id()[:8]}" + \
                 (f", given GPU {', '.join(gpus)}" if gpus else "") + ")"
             raise ActorSetupError(f"{where}: {exc}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         self.mode = self.embedder.describe()
 
     def __call__(self, batch: dict) -> dict:

@@ -164,7 +164,7 @@ def test_a_lost_worker_node_loses_and_repeats_nothing(ray_cluster, export, local
     """`build-index --ray` (its own process) loses the worker node once the first batch is committed; Ray re-runs
     the lost work elsewhere (or the run fails); a second run adds exactly what is missing. Nothing is lost, nothing is
     indexed or recorded twice."""
-    from medsim.build_ray import RayExecutor
+    from medsim.build_ray import RayExecutor, bundle_folders
 
     root, labels = export
     path = tmp_path / "index"
@@ -200,6 +200,9 @@ def test_a_lost_worker_node_loses_and_repeats_nothing(ray_cluster, export, local
         assert len(cases) == len({c.sop_uid for c in cases}) == len(index.vectors()[0]) == 26
         assert {c.sop_uid for c in cases} == {c.sop_uid for c in local.cases()}
         assert np.allclose(np.linalg.norm(index.vectors()[1], axis=1), 1.0, atol=1e-4)
+    # the killed node's actors ran no cleanup; the re-run's actors removed their bundle copies and the dead ones'
+    stale = list(bundle_folders().iterdir()) if bundle_folders().exists() else []
+    assert not stale, f"bundle copies left on the node: {stale}"
 
 
 def test_gpu_actors_go_to_the_gpu_node_and_a_node_without_cuda_fails_in_one_line(ray_cluster, export, bundle,
