@@ -33,6 +33,9 @@ EXPERIMENTS = {
     "r05x2": ("rarity 0.5 + cross-source x2", ["--rarity", "0.5", "--cross-source", "2"]),
     "r1x2": ("rarity 1 + cross-source x2", ["--rarity", "1", "--cross-source", "2"]),
     "default": ("rarity 0.5 + cross-source x4 (the default)", []),
+    "x8": ("rarity 0.5 + cross-source x8: the trend from x1 to x4 carried on", ["--cross-source", "8"]),
+    "t05": ("default at supcon temperature 0.05 (0.1): sharper contrast between a query's nearest positives and "
+            "negatives", ["--temperature", "0.05"]),
     "gem": ("default + GeM pooling (p = 3): a strong local response weighs more than in the average",
             ["--pooling", "gem"]),
     "e20": ("default, up to 20 epochs (patience 4)", ["--epochs", "20"]),

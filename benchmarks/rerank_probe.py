@@ -11,7 +11,7 @@ every other, its own patient excluded. Rankings compared with the plain cosine r
 * DBA (k): every vector replaced by itself plus its k nearest neighbours (similarity^3 weights), alone and with QE
   (k = 2) on top (a change to every stored vector).
 
-Prints one line per ranking and writes ``--out`` (default ``var/model-card/rerank_probe.json``: whole-split mAP@10, NIH
+Prints one line per ranking and writes ``--out`` (default ``var/rerank_probe.json``: whole-split mAP@10, NIH
 per-finding macro mAP@10, random figure, paired difference to the plain ranking with a 95 % patient-bootstrap
 interval).
 """
@@ -32,7 +32,7 @@ from medsim.evaluate.methods import MethodOptions, _cnn_vectors, default_cache_d
 from medsim.model import resolve_bundle
 from medsim.train.validation import _per_query_ap
 
-OUT = Path(__file__).resolve().parents[1] / "var" / "model-card" / "rerank_probe.json"
+OUT = Path(__file__).resolve().parents[1] / "var" / "rerank_probe.json"
 
 
 def _neighbours(scores: np.ndarray, valid: np.ndarray, k: int) -> np.ndarray:
