@@ -36,6 +36,8 @@ EXPERIMENTS = {
     "x8": ("rarity 0.5 + cross-source x8: the trend from x1 to x4 carried on", ["--cross-source", "8"]),
     "t05": ("default at supcon temperature 0.05 (0.1): sharper contrast between a query's nearest positives and "
             "negatives", ["--temperature", "0.05"]),
+    "t03": ("default at supcon temperature 0.03", ["--temperature", "0.03"]),
+    "t05x8": ("supcon temperature 0.05 + cross-source x8", ["--temperature", "0.05", "--cross-source", "8"]),
     "gem": ("default + GeM pooling (p = 3): a strong local response weighs more than in the average",
             ["--pooling", "gem"]),
     "e20": ("default, up to 20 epochs (patience 4)", ["--epochs", "20"]),
