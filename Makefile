@@ -71,13 +71,25 @@ nginx:
 # The fine-tuned default model (docs/model-card.md): `medsim train` on a labeled folder (default ../shared/data/cxr),
 # seeded, written to $MEDSIM_HOME/bundles/default where build-index/query/evaluate/serve find it (they fall back to
 # ImageNet VGG-16 without it). Never committed. A killed run continues where it stopped; a finished run re-writes
-# its bundle; one started on other data or settings starts anew. Another folder:
-# make model CXR=/path/to/folder [CXR_LABELS=...] [TRAIN_FLAGS=--restart].
-CXR         ?= ../shared/data/cxr
-CXR_LABELS  ?= $(CXR)/labels.csv
-TRAIN_FLAGS ?=
+# its bundle; one started on other data or settings (or from a re-trained first stage) starts anew. Two stages:
+# the general model on every labeled image (bundles/default-general), then REFINE: 6 epochs more on the images that
+# carry the full NIH finding vocabulary, which raises per-finding retrieval on adult images (model card, "Two
+# stages"). Another folder: make model CXR=/path/to/folder [CXR_LABELS=...] [TRAIN_FLAGS=--restart] with
+# REFINE='--train-on source=NAME ...' naming its own full-finding images, or without REFINE: one stage.
+CXR          ?= ../shared/data/cxr
+CXR_LABELS   ?= $(CXR)/labels.csv
+TRAIN_FLAGS  ?=
+REFINE       ?= $(if $(filter ../shared/data/cxr,$(CXR)),--train-on source=nih --train-on source=nih2 \
+                --train-on source=nih64 --train-on source=nihtest)
+REFINE_FLAGS ?= --epochs 6 --lr 5e-5 --head-lr 5e-4 --select nih
+TRAIN         = $(BIN)/medsim train --images $(CXR) --labels $(CXR_LABELS) --seed 0 --resume --restart-if-changed \
+                --overwrite
+MODEL_DIR     = $(shell $(BIN)/python -c "from medsim.model import default_bundle_path; print(default_bundle_path())")
 model: $(STAMP)
-	$(BIN)/medsim train --images $(CXR) --labels $(CXR_LABELS) --seed 0 --resume --restart-if-changed --overwrite $(TRAIN_FLAGS)
+	$(if $(strip $(REFINE)),\
+	$(TRAIN) --out "$(MODEL_DIR)-general" --name vgg16-cxr-general --no-int8-check $(TRAIN_FLAGS) && \
+	$(TRAIN) --out "$(MODEL_DIR)" --init "$(MODEL_DIR)-general" $(TRAIN_FLAGS) $(REFINE) $(REFINE_FLAGS),\
+	$(TRAIN) $(TRAIN_FLAGS))
 
 test: sample-data orthanc viewer chromium nginx
 	$(BIN)/python -m pytest

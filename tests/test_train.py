@@ -240,6 +240,36 @@ def test_a_bundle_refuses_labels_its_vocabulary_cannot_map(trained, tiny, tmp_pa
     assert not (tmp_path / "b").exists()
 
 
+def test_two_stage_refinement_keeps_the_split_and_follows_its_starting_bundle(trained, tiny, tmp_path, capsys):
+    """make model's second stage: --init the general bundle, --train-on the full-vocabulary NIH sources. Another
+    seed does not move a patient across the split; a resumed second stage whose starting bundle was re-trained since
+    starts anew (make model) or is refused (--resume alone)."""
+    general, out, work = tmp_path / "general", tmp_path / "refined", tmp_path / "refined.train"
+    shutil.copytree(trained, general)
+    args = ["train", "--images", str(tiny), "--labels", str(tiny / "labels.csv"), "--out", str(out), "--work-dir",
+            str(work), "--init", str(general), "--train-on", "source=nih", "--train-on", "source=nih64",
+            "--seed", "7", *FAST, "--epochs", "1", "--no-int8-check"]
+    assert main(args) == 0
+    said = "".join(capsys.readouterr())
+    assert "--train-on source=nih, source=nih64: training on" in said and "keep their side" in said
+    first, refined = ModelBundle.load(general), ModelBundle.load(out)
+    assert refined.extra["split"]["validation_patients"] == first.extra["split"]["validation_patients"]
+    assert refined.extra["split"]["train_patients"] == first.extra["split"]["train_patients"]
+    assert json.loads((work / "run.json").read_text())["base_bundle"]["fingerprint"] == first.fingerprint
+
+    # the general bundle is re-trained in place (another seed: other weights), then the second stage is resumed
+    assert main(["train", "--images", str(tiny), "--labels", str(tiny / "labels.csv"), "--out", str(general),
+                 "--overwrite", "--seed", "3", *FAST, "--epochs", "1", "--no-int8-check"]) == 0
+    second = ModelBundle.load(general)
+    assert second.fingerprint != first.fingerprint
+    capsys.readouterr()
+    assert main([*args, "--resume", "--overwrite"]) == 2
+    assert f"started from bundle {first.fingerprint}" in capsys.readouterr().err
+    assert main([*args, "--resume", "--restart-if-changed", "--overwrite"]) == 0
+    assert "started from another bundle" in "".join(capsys.readouterr())
+    assert json.loads((work / "run.json").read_text())["base_bundle"]["fingerprint"] == second.fingerprint
+
+
 def test_vocabulary_mapping():
     vocab = ["COVID-19", "Effusion", "No Finding", "Pleural_Thickening", "Pneumonia"]
     mapping = map_vocabulary(vocab, ["pleural thickening", "Normal", "covid 19", "Pneumonia"])
@@ -294,6 +324,33 @@ def test_leave_out_trains_on_fewer_images_and_validates_on_the_same():
         data.leaving_out(["source=mimic"])
     with pytest.raises(TrainDataError, match="source=NAME or label=NAME"):
         data.leaving_out(["view=PA"])
+
+    # --train-on, the second stage of the two-stage recipe: only the full-vocabulary NIH images train, validation is
+    # the same
+    nih = data.training_on(["source=nih", "source=nih2", "source=nih64"])
+    assert np.array_equal(nih.val_idx, data.val_idx)
+    assert {records[i].source for i in nih.train_idx} == {"nih", "nih2", "nih64"}
+    assert set(nih.train_idx) == {i for i in data.train_idx if records[i].source in ("nih", "nih2", "nih64")}
+    assert nih.label_frequency()["Nodule"] > data.label_frequency()["Nodule"]
+    with pytest.raises(TrainDataError, match="--train-on 'source=mimic' matches no training image"):
+        data.training_on(["source=nih", "source=mimic"])
+
+
+def test_a_refined_model_keeps_its_starting_bundles_split():
+    """--init: a patient keeps the side the starting bundle's split gave it, whatever the new seed draws, so a
+    refined model is never validated on patients its starting model trained on; patients new to that split keep
+    the new draw."""
+    records = [TrainRecord(path=f"{p}.png", rel_path=f"{p}.png", sha256=p, labels=(label,), patient_id=p,
+                           source="nih") for p, label in zip([f"p{i:02d}" for i in range(40)], "ab" * 20)]
+    earlier = patient_split(records[:30], 0.2, seed=0)
+    later = patient_split(records, 0.2, seed=1).keeping_sides(earlier)
+    assert set(earlier.train_patients) <= set(later.train_patients)
+    assert set(earlier.validation_patients) <= set(later.validation_patients)
+    new = {r.patient_id for r in records[30:]}
+    assert set(later.validation_patients) - set(earlier.validation_patients) == \
+        new & set(patient_split(records, 0.2, seed=1).validation_patients)
+    assert not set(later.train_patients) & set(later.validation_patients)
+    assert set(later.train_patients) | set(later.validation_patients) == {r.patient_id for r in records}
 
 
 def test_losses_follow_the_retrieval_relevance():

@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave the training images of this source, or with this label, out of training; the "
                         "split and the validation images stay the same, so a run with and one without them compare "
                         "on the same queries (repeatable; e.g. source=rsna)")
+    parser.add_argument("--train-on", action="append", default=[], metavar="source=NAME|label=NAME",
+                        help="train only on the training images of these sources or with these labels (repeatable; "
+                        "any rule matches); the split and validation stay the same. With --init, the second stage "
+                        "of the two-stage recipe: `make model` refines the general model on the images that carry "
+                        "the full NIH finding vocabulary (docs/model-card.md)")
     parser.add_argument("--adversary", type=float, default=d.adversary,
                         help="gradient-reversal strength of the source head of the 'adv' objective (default: "
                         "%(default)s)")
@@ -125,6 +130,7 @@ def command(args) -> int:
         feature_augment=args.feature_augment, validation_fraction=args.validation_fraction, seed=args.seed,
         select=args.select, rarity=args.rarity, cross_source=args.cross_source,
         source_balance=args.source_balance, adversary=args.adversary, leave_out=list(args.leave_out),
+        train_on=list(args.train_on),
         image_size=args.image_size, init=args.init, label_map=parse_label_map(args.label_map), device=args.device,
         workers=args.workers, max_steps_per_epoch=args.max_steps_per_epoch, int8_check=not args.no_int8_check,
         feedback=str(args.feedback) if args.feedback else None, feedback_weight=args.feedback_weight,
@@ -145,8 +151,8 @@ def command(args) -> int:
         raise
     print(f"bundle: {result.bundle_path} ({result.fingerprint})")
     print(f"best epoch {result.best_epoch} of {result.epochs_run}; validation mAP@10 "
-          f"{result.validation.get('mAP@10', float('nan')):.3f} (ImageNet baseline "
-          f"{result.baseline.get('mAP@10', float('nan')):.3f}); {result.wall_seconds / 60:.1f} min")
+          f"{result.validation.get('mAP@10', float('nan')):.3f} ({'starting bundle' if args.init else 'ImageNet'} "
+          f"baseline {result.baseline.get('mAP@10', float('nan')):.3f}); {result.wall_seconds / 60:.1f} min")
     if args.report:
         from medsim.files import json_safe
 

@@ -48,6 +48,7 @@ class TrainConfig:
     source_balance: float = 0.0  # sampling weight of an image: (images of its source family) ** -source_balance
     adversary: float = 1.0  # gradient-reversal strength of the source head ("adv" objective)
     leave_out: list = field(default_factory=list)  # "source=NAME" / "label=NAME": training images not trained on
+    train_on: list = field(default_factory=list)  # "source=NAME" / "label=NAME": train only on matching images
     init: str | None = None  # start from this bundle instead of ImageNet (its vocabulary must map)
     label_map: dict = field(default_factory=dict)
     device: str = "cpu"
@@ -60,11 +61,11 @@ class TrainConfig:
     RESUME_KEYS = ("objective", "train_layers", "pooling", "embedding_dim", "batch_size", "lr", "head_lr",
                    "weight_decay", "temperature", "views", "feature_augment", "validation_fraction", "seed",
                    "select", "init", "rarity", "cross_source", "source_balance", "adversary", "feedback",
-                   "feedback_weight", "leave_out", "image_size")
+                   "feedback_weight", "leave_out", "train_on", "image_size")
 
     # what a run recorded before a setting existed was trained with (--resume compares against these)
     LEGACY: ClassVar[dict] = {"rarity": 0.0, "cross_source": 1.0, "source_balance": 0.0, "adversary": 1.0,
-                              "feedback": None, "feedback_weight": 1.0, "leave_out": [],
+                              "feedback": None, "feedback_weight": 1.0, "leave_out": [], "train_on": [],
                               "image_size": None}
 
     def hyperparameters(self) -> dict:

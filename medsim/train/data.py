@@ -234,6 +234,16 @@ class Split:
         return cls(int(data["seed"]), float(data.get("validation_fraction", 0.0)),
                    tuple(data["train_patients"]), tuple(data["validation_patients"]))
 
+    def keeping_sides(self, earlier: "Split") -> "Split":
+        """This split with every patient that ``earlier`` (the split of the bundle a run starts from, ``--init``)
+        knows kept on its side there: a refined model is never validated on patients its starting model trained
+        on, and it validates on the same patients, so the two compare paired. Patients new to ``earlier`` keep the
+        side this split gave them."""
+        trained, validated = set(earlier.train_patients), set(earlier.validation_patients)
+        patients = set(self.train_patients) | set(self.validation_patients)
+        val = {p for p in patients if p in validated or (p not in trained and p in set(self.validation_patients))}
+        return Split(self.seed, self.validation_fraction, tuple(sorted(patients - val)), tuple(sorted(val)))
+
     def indices(self, records: Sequence[TrainRecord]) -> tuple[np.ndarray, np.ndarray]:
         """(train, validation) record indices; images of patients in neither list are left out."""
         train, val = set(self.train_patients), set(self.validation_patients)
@@ -307,18 +317,31 @@ class SplitSet:
     def leaving_out(self, rules: Sequence[str]) -> "SplitSet":
         """The same split with the training images that match a rule (``source=NAME`` or ``label=NAME``) left out
         of training; validation is untouched, so runs with and without them are compared on the same queries."""
+        return self._training_where(~self._matching(rules, "--leave-out"))
+
+    def training_on(self, rules: Sequence[str]) -> "SplitSet":
+        """The same split training only on the training images that match one of the rules (``source=NAME`` or
+        ``label=NAME``): the second stage of a two-stage recipe (docs/model-card.md), validation untouched."""
+        return self._training_where(self._matching(rules, "--train-on"))
+
+    def _matching(self, rules: Sequence[str], option: str) -> np.ndarray:
+        """Which training images match any of ``rules``; a malformed rule, or one that matches no training image
+        (a typo, another folder's source), is an error that names the values there are."""
         records = [self.train_set.records[i] for i in self.train_idx]
-        keep = np.ones(len(records), dtype=bool)
+        any_hit = np.zeros(len(records), dtype=bool)
         for rule in rules:
             key, sep, value = rule.partition("=")
             if not sep or key not in ("source", "label") or not value:
-                raise TrainDataError(f"--leave-out {rule!r}: use source=NAME or label=NAME")
+                raise TrainDataError(f"{option} {rule!r}: use source=NAME or label=NAME")
             hit = np.array([(r.source == value) if key == "source" else (value in r.labels) for r in records])
             if not hit.any():
                 values = sorted({r.source for r in records} if key == "source" else set(self.vocabulary))
-                raise TrainDataError(f"--leave-out {rule!r} matches no training image; the {key}s are: "
+                raise TrainDataError(f"{option} {rule!r} matches no training image; the {key}s are: "
                                      f"{', '.join(values)}")
-            keep &= ~hit
+            any_hit |= hit
+        return any_hit
+
+    def _training_where(self, keep: np.ndarray) -> "SplitSet":
         return SplitSet(self.train_set, self.split, self.train_idx[keep], self.val_idx)
 
     def label_frequency(self) -> dict[str, float]:

@@ -147,6 +147,16 @@ class Trainer:
             raise TrainError(f"--image-size {cfg.image_size}: use a multiple of 16 from 64 to 1024 (VGG-16 halves "
                              "the maps four times before conv5_3)")
         self.spec = replace(self.base.preprocess, image_size=cfg.image_size or self.base.preprocess.image_size)
+        started_from = (existing or {}).get("base_bundle", {}).get("fingerprint")
+        if started_from not in (None, self.base.fingerprint):  # --init names a bundle that has been re-trained since
+            if not self.restart_if_changed:
+                raise TrainError(f"--resume: the run at {self.work_dir} started from bundle {started_from}, "
+                                 f"--init is now {self.base.fingerprint}; --restart to train from it")
+            self.say(f"the run at {self.work_dir} started from another bundle ({started_from}): starting a new run")
+            self.folder.discard()
+            self.folder.path.mkdir(parents=True, exist_ok=True)
+            existing = self.existing = None
+            self.resume = False
         if existing is not None:
             try:
                 vocabulary = existing["label_vocabulary"]
@@ -178,7 +188,16 @@ class Trainer:
                                          what=f"model bundle {self.base.name} ({self.base.fingerprint})")
                 train_set = remap(train_set, mapping, self.base.label_vocabulary)
             split = patient_split(train_set.records, cfg.validation_fraction, cfg.seed)
+            if self.base.extra.get("split"):
+                split = split.keeping_sides(Split.from_dict(self.base.extra["split"]))
+                self.say(f"--init {self.base.name}: patients of its split keep their side (its validation "
+                         f"patients validate, its training patients train)")
         data = SplitSet.of(train_set, split)
+        if cfg.train_on:
+            before = len(data.train_idx)
+            data = data.training_on(cfg.train_on)
+            self.say(f"--train-on {', '.join(cfg.train_on)}: training on {len(data.train_idx)} of {before} training "
+                     f"images (validation unchanged)")
         if cfg.leave_out:
             before = len(data.train_idx)
             data = data.leaving_out(cfg.leave_out)
