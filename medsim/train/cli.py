@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "new one starts (what `make model` does), instead of stopping with an error")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
     parser.add_argument("--init", help="start from this fine-tuned bundle instead of ImageNet VGG-16 (the labels "
-                        "must map onto its vocabulary)")
+                        "must map onto its vocabulary; patients keep the side of its split)")
     parser.add_argument("--label-map", action="append", metavar="OLD=NEW|FILE.json",
                         help="rename labels of the labels file (repeatable)")
     parser.add_argument("--objective", default=d.objective,
