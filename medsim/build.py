@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import tempfile
 import time
 import uuid
 from collections import Counter, deque
@@ -28,6 +27,7 @@ from medsim.dicom import ChestPolicy, check_structure, is_dicom_file, read_dicom
 from medsim.dicomweb import (DicomWebClient, InstanceRef, InstanceTooLarge, PacsError, PacsUnavailable,
                              is_dicomweb_url)
 from medsim.errors import ReadFailure, SkipFile, short
+from medsim.files import process_temp_folder
 from medsim.index import Case, CaseIndex, FileRecord
 from medsim.ingest import LabelTable, case_attributes, read_any, walk
 from medsim.phash import LEGACY_METHOD, PHASH_META_KEY, reduced_method, reduced_perceptual_hash
@@ -348,8 +348,9 @@ def fetch_and_process(client: DicomWebClient, ref: InstanceRef, folder: str, pol
 
 
 def _fetch_chunk(refs, client, policy, spec) -> list[Outcome]:
-    with tempfile.TemporaryDirectory(prefix="medsim-dicomweb-") as folder:  # on the machine that fetches
-        return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
+    # on the machine that fetches; each file is removed once read, and a killed process's folder by the next one
+    folder = str(process_temp_folder("dicomweb"))
+    return [fetch_and_process(client, ref, folder, policy, spec) for ref in refs]
 
 
 class _StudiesSource(_DicomWebSource):

@@ -37,12 +37,12 @@ import pickle
 import re
 import shutil
 import socket
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from medsim.build import BuildReport, _init_worker
 from medsim.errors import MedsimError, ModelMismatch, short
+from medsim.files import process_temp_folder, process_temp_root
 from medsim.model.embedder import EMBED_MODE_ENV
 
 # What an embedding actor reserves besides its CPU or GPU: torch and the model held in memory (a build-index embedding
@@ -52,6 +52,7 @@ ACTOR_MEMORY_BYTES = 2 * 2**30
 # Object store of a Ray that medsim starts itself (no ADDRESS): the pipeline keeps a few batches of 224 px tensors
 # (~0.6 MB per image) in flight; Ray's default would take 30 % of the RAM.
 LOCAL_OBJECT_STORE_BYTES = 512 * 2**20
+BUNDLE_COPIES = "ray-bundles"  # the kind of temp folder (medsim.files.process_temp_folder) the actors copy it into
 CONNECT_TIMEOUT_SECONDS = 5.0
 # Ray's single-machine mode (its default on macOS and Windows): every Ray process of this machine binds 127.0.0.1
 # instead of every interface and advertising the machine's public address. Ray reads it when it is imported (into
@@ -228,30 +229,16 @@ def _read_batch(batch: dict, task) -> dict:
 
 def bundle_folders() -> Path:
     """Where embedding actors copy the bundle on a node: one folder per actor process, under the node's temp folder."""
-    return Path(tempfile.gettempdir()) / f"medsim-ray-bundles-{os.getuid()}"
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return process_temp_root(BUNDLE_COPIES)
 
 
 def _actor_bundle_folder() -> Path:
     """An empty folder for this actor's copy of the bundle. Ray kills surplus or orphaned actors without running
-    their cleanup, sometimes while they load: the folders of actors that are gone are removed first, so a kill
-    leaves at most one stale copy per node until the next actor starts."""
-    root = bundle_folders()
-    root.mkdir(mode=0o700, exist_ok=True)
-    for folder in root.iterdir():
-        if not folder.name.isdigit() or not _process_alive(int(folder.name)):
-            shutil.rmtree(folder, ignore_errors=True)
-    folder = root / str(os.getpid())
-    shutil.rmtree(folder, ignore_errors=True)
+    their cleanup, sometimes while they load: the folders of actors that are gone are removed first
+    (:func:`medsim.files.process_temp_folder`), so a kill leaves at most one stale copy per node until the next
+    actor starts."""
+    folder = process_temp_folder(BUNDLE_COPIES)
+    shutil.rmtree(folder, ignore_errors=True)  # a reused PID's leftovers
     folder.mkdir()
     return folder
 

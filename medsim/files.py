@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,38 @@ def medsim_home() -> Path:
     """``$MEDSIM_HOME``, else ``~/.cache/medsim``: model bundles, the int8 cache, evaluation and server caches."""
     env = os.environ.get("MEDSIM_HOME", "").strip()
     return Path(env).expanduser() if env else Path.home() / ".cache" / "medsim"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def process_temp_root(kind: str) -> Path:
+    """Where the processes of one kind keep their temp folders (:func:`process_temp_folder`)."""
+    return Path(tempfile.gettempdir()) / f"medsim-{kind}-{os.getuid()}"
+
+
+def process_temp_folder(kind: str) -> Path:
+    """This process's folder under the machine's temp folder (``medsim-KIND-UID/PID``, created if missing), for files
+    that live only while the process uses them. A process killed without running its cleanup (SIGKILL, a node
+    lost, Ray ending an actor) leaves its folder behind: the folders of processes that are gone are removed first,
+    so a kill leaves at most one stale folder until the next process of that kind starts."""
+    root = process_temp_root(kind)
+    root.mkdir(mode=0o700, exist_ok=True)
+    own = str(os.getpid())
+    for folder in root.iterdir():
+        if folder.name != own and (not folder.name.isdigit() or not process_alive(int(folder.name))):
+            shutil.rmtree(folder, ignore_errors=True)
+    folder = root / own
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def sha256_file(path: str | Path) -> str:

@@ -470,6 +470,12 @@ def test_watcher_killed_mid_study_then_restarted_loses_and_repeats_nothing(watch
     assert sorted(sops) == sorted(study["sop_uids"])  # nothing lost, nothing twice
     assert len(ledger) == 12 and {r.status for r in ledger} == {"indexed"}
     assert "stopped; indexed" in log.read_text(errors="replace")
+    # the killed watcher's fetched files (its temp folder) were removed by the restarted one; nothing else is left
+    from medsim.files import process_alive, process_temp_root
+
+    left = [f for folder in process_temp_root("dicomweb").iterdir() if not process_alive(int(folder.name))
+            for f in folder.iterdir()]
+    assert not left, f"fetched files left behind: {left}"
 
 
 @pytest.mark.orthanc
