@@ -240,8 +240,9 @@ class Split:
         on, and it validates on the same patients, so the two compare paired. Patients new to ``earlier`` keep the
         side this split gave them."""
         trained, validated = set(earlier.train_patients), set(earlier.validation_patients)
-        patients = set(self.train_patients) | set(self.validation_patients)
-        val = {p for p in patients if p in validated or (p not in trained and p in set(self.validation_patients))}
+        drawn = set(self.validation_patients)
+        patients = set(self.train_patients) | drawn
+        val = {p for p in patients if p in validated or (p not in trained and p in drawn)}
         return Split(self.seed, self.validation_fraction, tuple(sorted(patients - val)), tuple(sorted(val)))
 
     def indices(self, records: Sequence[TrainRecord]) -> tuple[np.ndarray, np.ndarray]:
