@@ -270,6 +270,23 @@ def test_two_stage_refinement_keeps_the_split_and_follows_its_starting_bundle(tr
     assert json.loads((work / "run.json").read_text())["base_bundle"]["fingerprint"] == second.fingerprint
 
 
+def test_make_model_refines_as_the_model_card_measured():
+    """The second stage `make model` runs is the `two` experiment of benchmarks/model_card.py, flag for flag: the
+    recipe is written in both places (Makefile, the script that measures it), so they must not drift apart."""
+    import shlex
+    import subprocess
+
+    from benchmarks.model_card import EXPERIMENTS, REFINE
+
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-s", "model"], cwd=root, capture_output=True, text=True, check=True).stdout
+    line = next(x for x in dry.splitlines() if " train " in x and "--init" in x)  # not the venv's recipe, if due
+    first, _, second = line.partition(" && ")
+    assert "--init" not in first and "--train-on" not in first
+    assert shlex.split(second)[-len(REFINE):] == REFINE
+    assert EXPERIMENTS["two"][1] == ["--init", "@default", *REFINE]
+
+
 def test_vocabulary_mapping():
     vocab = ["COVID-19", "Effusion", "No Finding", "Pleural_Thickening", "Pneumonia"]
     mapping = map_vocabulary(vocab, ["pleural thickening", "Normal", "covid 19", "Pneumonia"])

@@ -123,17 +123,22 @@ class Trainer:
             changed = [k for k in TrainConfig.RESUME_KEYS
                        if old.get(k, TrainConfig.LEGACY.get(k)) != getattr(cfg, k)]
             if changed and self.restart_if_changed:
-                self.say(f"the run at {self.work_dir} was started with other settings ({', '.join(changed)}): "
-                         f"starting a new run")
-                self.folder.discard()
+                self._start_anew(f"was started with other settings ({', '.join(changed)})")
                 existing = None
-                self.resume = False
             elif changed:
                 raise TrainError(f"--resume: the run at {self.work_dir} was started with other settings "
                                  f"({', '.join(f'{k}={old.get(k)!r}, now {getattr(cfg, k)!r}' for k in changed)}); "
                                  f"use the same settings or --restart")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         return existing
+
+    def _start_anew(self, why: str) -> None:
+        """--restart-if-changed: the run in the work folder ``why`` (other settings, data or starting bundle)."""
+        self.say(f"the run at {self.work_dir} {why}: starting a new run")
+        self.folder.discard()
+        self.folder.path.mkdir(parents=True, exist_ok=True)
+        self.existing = None
+        self.resume = False
 
     def _load_data(self) -> SplitSet:
         """The labeled images in the vocabulary of the run (resumed) or of the starting bundle, and the split."""
@@ -152,11 +157,8 @@ class Trainer:
             if not self.restart_if_changed:
                 raise TrainError(f"--resume: the run at {self.work_dir} started from bundle {started_from}, "
                                  f"--init is now {self.base.fingerprint}; --restart to train from it")
-            self.say(f"the run at {self.work_dir} started from another bundle ({started_from}): starting a new run")
-            self.folder.discard()
-            self.folder.path.mkdir(parents=True, exist_ok=True)
-            existing = self.existing = None
-            self.resume = False
+            self._start_anew(f"started from another bundle ({started_from})")
+            existing = None
         if existing is not None:
             try:
                 vocabulary = existing["label_vocabulary"]
@@ -169,11 +171,8 @@ class Trainer:
                     raise
                 same = False
             if not same and self.restart_if_changed:
-                self.say(f"the run at {self.work_dir} was started on other images or labels: starting a new run")
-                self.folder.discard()
-                self.folder.path.mkdir(parents=True, exist_ok=True)
-                existing = self.existing = None
-                self.resume = False
+                self._start_anew("was started on other images or labels")
+                existing = None
             elif not same:
                 raise TrainError(f"--resume: the run at {self.work_dir} was started on other images or labels "
                                  f"(data fingerprint {existing['data_fingerprint'][:12]}, now "
