@@ -81,7 +81,7 @@ CXR_LABELS   ?= $(CXR)/labels.csv
 TRAIN_FLAGS  ?=
 REFINE       ?= $(if $(filter ../shared/data/cxr,$(CXR)),--train-on source=nih --train-on source=nih2 \
                 --train-on source=nih64 --train-on source=nihtest)
-REFINE_FLAGS ?= --epochs 6 --lr 5e-5 --head-lr 5e-4 --select nih
+REFINE_FLAGS ?= --epochs 6 --lr 5e-5 --head-lr 5e-4 --select last
 TRAIN         = $(BIN)/medsim train --images $(CXR) --labels $(CXR_LABELS) --seed 0 --resume --restart-if-changed \
                 --overwrite
 MODEL_DIR     = $(shell $(BIN)/python -c "from medsim.model import default_bundle_path; print(default_bundle_path())")

@@ -270,6 +270,18 @@ def test_two_stage_refinement_keeps_the_split_and_follows_its_starting_bundle(tr
     assert json.loads((work / "run.json").read_text())["base_bundle"]["fingerprint"] == second.fingerprint
 
 
+def test_select_last_keeps_the_last_epoch_and_never_stops_early(trained, tiny, tmp_path, capsys):
+    """make model's second stage has no selection: its last epoch goes into the bundle, and patience stops nothing
+    (a validation figure picked its first epoch on some splits, before the per-finding figure rose)."""
+    out = tmp_path / "last"
+    assert main(["train", "--images", str(tiny), "--labels", str(tiny / "labels.csv"), "--out", str(out), "--init",
+                 str(trained), "--select", "last", "--patience", "1", *FAST, "--epochs", "3",
+                 "--no-int8-check"]) == 0
+    training = ModelBundle.load(out).extra["training"]
+    assert (training["epochs_run"], training["best_epoch"], training["selection"]) == (3, 3, "the last epoch")
+    assert "keeping the last" in "".join(capsys.readouterr())
+
+
 def test_make_model_refines_as_the_model_card_measured():
     """The second stage `make model` runs is the `two` experiment of benchmarks/model_card.py, flag for flag: the
     recipe is written in both places (Makefile, the script that measures it), so they must not drift apart."""

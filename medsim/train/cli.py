@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from medsim.train.config import OBJECTIVES, TRAIN_LAYERS, TrainConfig
+    from medsim.train.config import OBJECTIVES, SELECTIONS, TRAIN_LAYERS, TrainConfig
 
     d = TrainConfig(images="", labels="", out="")
     parser.add_argument("--images", type=Path, required=True, help="folder of labeled images (DICOM/PNG/JPEG)")
@@ -60,9 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of patients held out (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split, augmentation and training "
                         "(default: %(default)s)")
-    parser.add_argument("--select", default=d.select, choices=["all", "nih", "mean", "finding"],
+    parser.add_argument("--select", default=d.select, choices=SELECTIONS,
                         help="validation mAP@10 that picks the best epoch: whole split, NIH images, their mean, or "
-                        "'finding': the mean of the whole split and the NIH per-finding macro (default: %(default)s)")
+                        "'finding': the mean of the whole split and the NIH per-finding macro; 'last': no "
+                        "selection, the last of --epochs is kept and the run never stops early (default: "
+                        "%(default)s)")
     parser.add_argument("--rarity", type=float, default=d.rarity,
                         help="weight labels by frequency ** -RARITY in bce and supcon (0.5: inverse square root; 0: "
                         "all alike) (default: %(default)s)")

@@ -12,6 +12,9 @@ FEATURES_END = 30  # vgg16().features[:30]: up to conv5_3 + ReLU, the embedding 
 TRAIN_LAYERS = {"all": 0, "conv5_1": 24, "conv5_2": 26, "conv5_3": 28, "none": 30}
 # --objective: the loss terms (medsim.train.objectives implements them)
 OBJECTIVES = ("bce", "supcon", "ms", "adv")
+# --select: which validation figure picks the epoch that goes into the bundle (medsim.train.validation), or
+# "last": none does -- a fixed schedule keeps its last epoch and never stops early
+SELECTIONS = ("all", "nih", "mean", "finding", "last")
 
 
 class TrainError(MedsimError):
@@ -42,7 +45,7 @@ class TrainConfig:
     feature_augment: float = 0.5  # probability of a random shift/scale of the activation grid
     validation_fraction: float = 0.2
     seed: int = 0
-    select: str = "all"  # which validation mAP@10 picks the best epoch: all | nih | mean | finding
+    select: str = "all"  # one of SELECTIONS
     rarity: float = 0.5  # label weights of bce and supcon: frequency ** -rarity (0: every label alike)
     cross_source: float = 4.0  # supcon: weight of a positive from another source family (1: like any other)
     source_balance: float = 0.0  # sampling weight of an image: (images of its source family) ** -source_balance

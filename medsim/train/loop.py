@@ -153,6 +153,8 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
     )
     for engine in (trainer, evaluator):
         engine.logger.setLevel(logging.WARNING)
+    if cfg.select == "last":  # a fixed schedule: each epoch outranks the one before, so the last one is kept
+        metric.score = lambda _report: float(trainer.state.epoch)
 
     with warnings.catch_warnings():  # MONAI passes ignite's deprecated min_delta/cumulative_delta names
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -213,12 +215,12 @@ def fit(net: RetrievalNet, train_ds, val_ds, *, config: TrainConfig, device: tor
                "lr": totals["lr"], "seconds": time.perf_counter() - totals["t0"]}
         history.append(row)
         best = max(history, key=lambda r: (r["select"], -r["epoch"]))
+        kept = "keeping the last" if cfg.select == "last" else f"best {best['select']:.3f} (epoch {best['epoch']})"
         folder.write_history(history)
         folder.update(last_epoch=engine.state.epoch, wall_seconds=elapsed())
         say(f"epoch {row['epoch']:>2}/{cfg.epochs}  loss {row['loss']:.4f}  val mAP@{K} {fmt(row[f'val_mAP@{K}'])}  "
             f"NIH {fmt(row[f'val_nih_mAP@{K}'])}  per-finding {fmt(row[f'val_finding_mAP@{K}'])}  "
-            f"break-even P {fmt(row['val_break_even_precision'])}  best "
-            f"{best['select']:.3f} (epoch {best['epoch']})  {row['seconds']:.0f} s")
+            f"break-even P {fmt(row['val_break_even_precision'])}  {kept}  {row['seconds']:.0f} s")
 
     last_saver.attach(trainer)  # after _record: the checkpoint holds the early-stopping state of this epoch
 

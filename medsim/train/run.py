@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from medsim.model import ModelBundle, imagenet_bundle, resolve_bundle
 from medsim.model.bundle import BUNDLE_JSON
 from medsim.model.network import build_pooling, load_network
-from medsim.train.config import FEATURES_END, TRAIN_LAYERS, TrainConfig, TrainError, TrainResult
+from medsim.train.config import FEATURES_END, SELECTIONS, TRAIN_LAYERS, TrainConfig, TrainError, TrainResult
 from medsim.train.data import Split, SplitSet, TrainDataError, load_train_set, map_vocabulary, patient_split, remap
 from medsim.train.datasets import INPUT, build_datasets, source_families
 from medsim.train.export import write_bundle
@@ -70,8 +70,8 @@ class Trainer:
             raise TrainError(f"--train-layers must be one of {', '.join(TRAIN_LAYERS)}")
         self.start = TRAIN_LAYERS[config.train_layers]  # first trainable module of vgg16().features
         parse_objective(config.objective)  # a bad --objective fails here, before any work
-        if config.select not in ("all", "nih", "mean", "finding"):
-            raise TrainError("--select must be all, nih, mean or finding")
+        if config.select not in SELECTIONS:
+            raise TrainError(f"--select must be one of {', '.join(SELECTIONS)}")
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainError("--device cuda: no CUDA device is available to torch on this machine")
