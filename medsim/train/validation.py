@@ -175,7 +175,8 @@ def validation_report(embeddings: np.ndarray, records: Sequence, k: int = K) -> 
 def selection_score(report: dict, select: str, k: int = K) -> float:
     """The number that picks the best epoch (``--select``: mAP@k on ``all`` validation images, on the ``nih``
     images, or the ``mean`` of both; ``finding``: the mean of the whole-split mAP@k and the NIH per-finding macro
-    mAP@k); 0 when undefined (no validation query has a relevant case)."""
+    mAP@k); 0 when undefined (no validation query has a relevant case). ``last`` scores no report: the training loop
+    ranks its epochs by number (:func:`medsim.train.loop.fit`)."""
     all_ = report.get(f"mAP@{k}")
     if select == "finding":
         macro = report.get("nih_findings", {}).get("macro")
