@@ -57,6 +57,8 @@ EXPERIMENTS = {
             ["--init", "@default", *REFINE]),
     "twonih": ("`two` as first adopted (session 8): its best epoch by NIH mAP@10",
                ["--init", "@default", *REFINE, "--select", "nih"]),
+    "two52": ("`two`, its second stage training conv5_2 as well (1,284 images: the extra layer is cheap there)",
+              ["--init", "@default", *REFINE, "--train-layers", "conv5_2"]),
     "r05sb": ("rarity 0.5 + source-balanced batches (0.5)", ["--rarity", "0.5", "--cross-source", "1",
                                                              "--source-balance", "0.5"]),
     "r05adv": ("rarity 0.5 + adversarial source head (0.1)", ["--rarity", "0.5", "--cross-source", "1",
