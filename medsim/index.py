@@ -368,7 +368,12 @@ class CaseIndex:
                     store.create()
                 finally:
                     store.close()
-            db = _connect(path / CATALOG)
+            # built whole under another name, then renamed: a reader (a server, a second process) that finds
+            # catalog.sqlite never finds it without its tables and metadata
+            staging = path / (CATALOG + ".new")
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                (path / (staging.name + suffix)).unlink(missing_ok=True)
+            db = _connect(staging)
             now = time.time()
             meta = {
                 "format_version": FORMAT_VERSION,
@@ -389,6 +394,9 @@ class CaseIndex:
             with db:
                 db.executescript(SCHEMA)
                 db.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+            db.close()  # the last connection: SQLite folds the WAL into the file and removes it
+            os.replace(staging, path / CATALOG)
+            db = _connect(path / CATALOG)
             return cls(path, db, writable=True, lock_fh=lock_fh)
         except sqlite3.DatabaseError as exc:
             _close_quietly(db, lock_fh)

@@ -89,6 +89,35 @@ def test_one_writer_at_a_time_and_no_overwrite(tmp_path):
         CaseIndex.open(tmp_path / "nothing")
 
 
+def test_a_reader_finds_no_catalog_or_a_whole_one_while_an_index_is_created(tmp_path, monkeypatch):
+    """A watcher creates its index while a server or a second process may open it: at every step of create(),
+    catalog.sqlite is absent or a whole index (before: its tables came before its metadata, and a reader in between
+    was told the index was damaged). The reader looks each time create() encodes a metadata value."""
+    path, seen = tmp_path / "idx", []
+
+    class Reader:  # medsim.index's json, looking at the index before each metadata value is encoded
+        def __getattr__(self, name):
+            return getattr(json, name)
+
+        @staticmethod
+        def dumps(value, *args, **kwargs):
+            if (path / CATALOG).exists():
+                with CaseIndex.open(path) as reader:  # IndexFormatError if the catalog is not whole
+                    seen.append(len(reader))
+            else:
+                seen.append(None)
+            return json.dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(index_module, "json", Reader())
+    created = _new(path)
+    monkeypatch.undo()
+    created.close()
+    assert seen and set(seen) == {None}
+    assert sorted(p.name for p in path.iterdir()) == [CATALOG, "lock"]  # no staging file or WAL left
+    with CaseIndex.open(path) as index:
+        assert len(index) == 0 and index.meta["dim"] == 16
+
+
 def test_ledger_and_stats(tmp_path):
     with _new(tmp_path / "idx") as index:
         files = [FileRecord("/x/0.dcm", 10, 1.0, "indexed", sop_uid="1.2.3.0"),
